@@ -1,0 +1,190 @@
+"""Lazy, tensor-by-tensor reader for base / fine-tuned checkpoints (DESIGN.md §3).
+
+Accepts an HF model folder (``model.safetensors``, sharded ``model.safetensors.index.json``,
+``pytorch_model.bin`` / its index, diffusers ``diffusion_pytorch_model.*``), a single
+``.safetensors`` file, or a ``.bin`` / ``.pt`` file. safetensors are memory-mapped and read one
+tensor at a time; pickles are only ever opened with ``torch.load(weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loratools.errors import LoraToolsError
+
+SAFE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+BIN_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "model.bin", "model.pt")
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+
+def open_safetensors(path: Path):
+    """safe_open with a one-line error for a missing, truncated or corrupt file."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise LoraToolsError(f"{path}: no such file") from None
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise LoraToolsError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+
+
+def safe_load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """Load a .bin/.pt state dict with ``weights_only=True`` (no code execution), mmap where possible."""
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LoraToolsError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise LoraToolsError(
+            f"{path}: refused to load: not a plain tensor state dict under weights_only=True ({_one_line(exc)})"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LoraToolsError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+class Checkpoint:
+    """Lazy view of a model's weights: ``keys()``, ``shape(key)``, ``dtype(key)``, ``get(key)``.
+
+    Only the tensor asked for is read; safetensors shards are memory-mapped and opened on demand.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise LoraToolsError(f"{self.path}: no such file or folder")
+        self._where: dict[str, Path] = {}  # key -> file
+        self._handles: dict[Path, object] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        self.files: list[Path] = []
+        self.index_file: Path | None = None
+        self._discover()
+
+    # ------------------------------------------------------------------ discovery
+    def _discover(self) -> None:
+        p = self.path
+        if p.is_file():
+            self.files = [p]
+        else:
+            index = next((p / n for n in (
+                "model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json",
+                "pytorch_model.bin.index.json",
+            ) if (p / n).is_file()), None)
+            if index is not None:
+                self.index_file = index
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise LoraToolsError(f"{index}: not a valid shard index ({_one_line(exc)})") from None
+                missing = sorted({f for f in weight_map.values() if not (p / f).is_file()})
+                if missing:
+                    raise LoraToolsError(f"{index}: shard(s) missing: {', '.join(missing)}")
+                self.files = sorted({p / f for f in weight_map.values()})
+                self._where = {k: p / f for k, f in weight_map.items()}
+                return
+            names = [n for n in SAFE_NAMES + BIN_NAMES if (p / n).is_file()]
+            if not names:
+                found = sorted(x.name for x in p.glob("*.safetensors")) or sorted(x.name for x in p.glob("*.bin"))
+                if len(found) == 1:
+                    names = found
+                else:
+                    raise LoraToolsError(
+                        f"{p}: no model weights found (expected model.safetensors, a *.index.json or pytorch_model.bin)"
+                    )
+            self.files = [p / names[0]]
+        for f in self.files:
+            for k in self._file_keys(f):
+                self._where[k] = f
+
+    def _file_keys(self, f: Path) -> list[str]:
+        if f.suffix == ".safetensors":
+            return list(self._handle(f).keys())
+        if f.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            return list(self._pickle(f).keys())
+        raise LoraToolsError(f"{f}: unsupported checkpoint file type (expected .safetensors, .bin or .pt)")
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            self._handles[f] = open_safetensors(f)
+        return self._handles[f]
+
+    def _pickle(self, f: Path) -> dict[str, torch.Tensor]:
+        if f not in self._pickles:
+            self._pickles[f] = safe_load_pickle(f)
+        return self._pickles[f]
+
+    # ------------------------------------------------------------------ access
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def file_of(self, key: str) -> Path:
+        return self._where[key]
+
+    def _check(self, key: str) -> Path:
+        if key not in self._where:
+            raise LoraToolsError(f"{self.path}: no tensor named {key!r}")
+        return self._where[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f = self._check(key)
+        if f.suffix == ".safetensors":
+            return tuple(self._handle(f).get_slice(key).get_shape())
+        return tuple(self._pickle(f)[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        f = self._check(key)
+        if f.suffix == ".safetensors":
+            return DTYPES.get(self._handle(f).get_slice(key).get_dtype(), torch.float32)
+        return self._pickle(f)[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self._check(key)
+        if f.suffix == ".safetensors":
+            try:
+                return self._handle(f).get_tensor(key)
+            except Exception as exc:
+                raise LoraToolsError(f"{f}: cannot read tensor {key!r} ({_one_line(exc)})") from None
+        return self._pickle(f)[key]
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self.keys():
+            yield k, self.get(k)
+
+    def metadata(self) -> dict[str, str]:
+        f = self.files[0]
+        if f.suffix == ".safetensors":
+            return dict(self._handle(f).metadata() or {})
+        return {}
+
+    # ------------------------------------------------------------------ module view
+    def modules(self) -> dict[str, str]:
+        """{module path → weight key} for every ``*.weight`` tensor of 2 or more dimensions."""
+        out = {}
+        for k in self._where:
+            if k.endswith(".weight") and len(self.shape(k)) >= 2:
+                out[k[: -len(".weight")]] = k
+        return out

@@ -1,0 +1,149 @@
+"""Adapter formats: detection, reading into the canonical model, writing, and name resolution."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter
+from loratools.checkpoint import Checkpoint
+from loratools.errors import LoraToolsError
+from loratools.formats import diffusers, kohya, peft
+from loratools.formats.common import mangle, read_tensors, split_component
+
+FORMATS = ("peft", "kohya", "diffusers")
+
+
+def _classify(key: str) -> str:
+    if key.startswith("base_model.model."):
+        return "peft"
+    if diffusers.is_diffusers_key(key):
+        return "diffusers"
+    if kohya.is_kohya_key(key):
+        return "kohya"
+    return "unknown"
+
+
+def _adapter_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    cands = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if len(cands) == 1:
+        return cands[0]
+    if not cands:
+        raise LoraToolsError(f"{path}: no adapter found (no adapter_config.json, no .safetensors file)")
+    raise LoraToolsError(f"{path}: several weight files ({', '.join(c.name for c in cands[:4])}); name the file")
+
+
+def detect_format(path: Path, keys: list[str] | None = None) -> str:
+    """Format of an adapter path; raises with the offending keys on mixed or unknown layouts."""
+    if peft.detect(path):
+        return "peft"
+    if keys is None:
+        keys = list(read_tensors(_adapter_file(path))[0])
+    kinds = Counter(_classify(k) for k in keys)
+    if not keys:
+        raise LoraToolsError(f"{path}: file holds no tensors")
+    if kinds.get("unknown"):
+        first = next(k for k in keys if _classify(k) == "unknown")
+        raise LoraToolsError(f"{path}: unknown key layout: {first!r} ({kinds['unknown']} key(s) not recognised)")
+    if len(kinds) > 1:
+        examples = "; ".join(f"{n} {k} key(s), e.g. {next(x for x in keys if _classify(x) == k)!r}" for k, n in kinds.items())
+        raise LoraToolsError(f"{path}: mixed key conventions in one file: {examples}")
+    return next(iter(kinds))
+
+
+def load_adapter(
+    path: str | Path,
+    format: str | None = None,
+    base: Checkpoint | str | Path | None = None,
+    allow_nonfinite: bool = False,
+) -> Adapter:
+    """Read an adapter into the canonical model; resolve its names against ``base`` if given."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraToolsError(f"{path}: no such file or folder")
+    if format not in (None, "auto") and format not in FORMATS:
+        raise LoraToolsError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    if format in (None, "auto"):
+        format = detect_format(path)
+    if format == "peft":
+        if not peft.detect(path):
+            raise LoraToolsError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+        adapter = peft.read(path)
+    else:
+        f = _adapter_file(path)
+        tensors, metadata = read_tensors(f)
+        reader = kohya if format == "kohya" else diffusers
+        adapter = reader.read_tensors_map(tensors, metadata, str(f))
+    adapter.check_finite(allow_nonfinite)
+    if base is not None:
+        resolve_names(adapter, base if isinstance(base, Checkpoint) else Checkpoint(base))
+    return adapter
+
+
+def resolve_names(adapter: Adapter, base: Checkpoint) -> list[str]:
+    """Map mangled (kohya) names to the base's module paths, in place. Returns unmatched names.
+
+    A stem matches a module when their mangled forms are equal, or when one is a ``_``-suffix of
+    the other (a base with or without a wrapper prefix); several candidates is an error.
+    """
+    modules = base.modules()
+    by_mangled: dict[str, list[str]] = {}
+    for m in modules:
+        by_mangled.setdefault(mangle(m), []).append(m)
+    unmatched: list[str] = []
+    renamed: dict[str, object] = {}
+    for name, layer in adapter.layers.items():
+        stem = layer.meta.get("kohya_stem")
+        if stem is None:
+            path = split_component(name)[1]
+            if path not in modules and name not in modules:
+                unmatched.append(name)
+            renamed[name] = layer
+            continue
+        tail = kohya.split_prefix(stem)[1]
+        cands = by_mangled.get(tail) or by_mangled.get(stem) or [
+            m for mm, ms in by_mangled.items() for m in ms if mm.endswith("_" + tail) or tail.endswith("_" + mm)
+        ]
+        shape_ok = [m for m in cands if tuple(base.shape(modules[m]))[: len(layer.shape)] == layer.shape
+                    or tuple(base.shape(modules[m])) == layer.shape]
+        cands = shape_ok or cands
+        if len(cands) > 1:
+            raise LoraToolsError(f"{stem}: ambiguous against base, matches {', '.join(sorted(cands)[:4])}")
+        if not cands:
+            unmatched.append(name)
+            renamed[name] = layer
+            continue
+        if cands[0] in renamed:
+            raise LoraToolsError(f"{stem}: resolves to {cands[0]}, which another layer already targets")
+        renamed[cands[0]] = layer
+    adapter.layers = renamed  # type: ignore[assignment]
+    adapter.resolved = not any(adapter.layers[n].meta.get("kohya_stem") == n for n in unmatched)
+    if unmatched:
+        adapter.warnings.append(
+            f"{len(unmatched)} layer(s) match no module of the base checkpoint, e.g. {unmatched[0]}"
+        )
+    return unmatched
+
+
+def save_adapter(
+    adapter: Adapter,
+    out: str | Path,
+    format: str,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    kohya_prefix: str | None = None,
+) -> None:
+    """Write ``adapter`` in ``format`` atomically (temp file/folder + rename)."""
+    out = Path(out)
+    if format == "peft":
+        peft.write(adapter, out, force, dtype)
+    elif format == "kohya":
+        kohya.write(adapter, out, force, dtype, kohya_prefix)
+    elif format == "diffusers":
+        diffusers.write(adapter, out, force, dtype)
+    else:
+        raise LoraToolsError(f"unknown output format {format!r}; expected one of {', '.join(FORMATS)}")

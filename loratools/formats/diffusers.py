@@ -1,0 +1,79 @@
+"""diffusers-style LoRA keys: ``<component>.<module>.lora.down.weight`` / ``.lora.up.weight``
+(older diffusers), ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` (PEFT-backed
+diffusers), optional ``<component>.<module>.alpha``, and the attention-processor form
+``<attn>.processor.to_q_lora.down.weight`` (→ module ``<attn>.to_q``, ``to_out_lora`` → ``to_out.0``).
+
+Without an alpha, diffusers applies scale 1 (alpha = r); we write ``.alpha`` only when it differs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter, LoraLayer
+from loratools.errors import LoraToolsError
+from loratools.formats.common import COMPONENTS, atomic_path, guess_component, save_safetensors, split_component
+
+_KEY = re.compile(
+    r"^(?P<mod>.+?)\.(?:lora\.(?P<du>down|up)\.weight|(?P<ab>lora_A|lora_B)\.weight|(?P<alpha>alpha))$"
+)
+_PROC = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<du>down|up)\.weight$")
+
+
+def is_diffusers_key(key: str) -> bool:
+    return key.split(".", 1)[0] in COMPONENTS and (_KEY.match(key) is not None or _PROC.match(key) is not None)
+
+
+def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _PROC.match(key)
+        if m:
+            proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+            parts.setdefault(f"{m['attn']}.{proj}", {})[m["du"]] = t
+            continue
+        m = _KEY.match(key)
+        if m is None:
+            raise LoraToolsError(f"{source}: unknown key layout {key!r} (expected <component>.<module>.lora_A.weight / .lora.down.weight)")
+        slot = m["du"] or {"lora_A": "down", "lora_B": "up"}.get(m["ab"] or "", "alpha")
+        parts.setdefault(m["mod"], {})[slot] = t
+    adapter = Adapter(layers={}, format="diffusers", metadata=dict(metadata), source=source)
+    for mod, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise LoraToolsError(f"{source}: {mod} has no lora {'down' if 'down' not in p else 'up'} tensor")
+        try:
+            layer = LoraLayer(down=p["down"], up=p["up"])
+        except LoraToolsError as exc:
+            raise LoraToolsError(f"{source}: {mod}: {exc}") from None
+        if "alpha" in p:
+            layer.alpha = float(p["alpha"].reshape(()).float())
+            layer.meta["alpha_dtype"] = p["alpha"].dtype
+        layer.meta["component"] = split_component(mod)[0]
+        adapter.layers[mod] = layer
+    return adapter
+
+
+def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None) -> None:
+    if not adapter.resolved:
+        raise LoraToolsError(
+            "layer names are kohya-mangled and were not resolved to module paths; pass --base CKPT to resolve them"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in adapter.layers.items():
+        if not isinstance(layer, LoraLayer):
+            raise LoraToolsError(f"{name}: {layer.kind} layers have no diffusers LoRA form; convert them to LoRA first")
+        if layer.magnitude is not None:
+            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in diffusers format (use --to peft)")
+        component, path = split_component(name)
+        component = component or layer.meta.get("component") or guess_component(name)
+        stem = f"{component}.{path}"
+        tensors[stem + ".lora_A.weight"] = layer.down if dtype is None else layer.down.to(dtype)
+        tensors[stem + ".lora_B.weight"] = layer.up if dtype is None else layer.up.to(dtype)
+        if abs(layer.scale - 1.0) > 0 or layer.meta.get("alpha_dtype") is not None:
+            alpha = layer.scale * layer.rank
+            tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=layer.meta.get("alpha_dtype") or (dtype or layer.dtype))
+    with atomic_path(out, force, is_dir=False) as tmp:
+        save_safetensors(tensors, tmp, adapter.metadata)

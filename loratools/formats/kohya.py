@@ -1,0 +1,198 @@
+"""kohya / sd-scripts single-file LoRA (and LoCon): one ``.safetensors`` with mangled names.
+
+Keys: ``<stem>.lora_down.weight`` [r, in(, kh, kw)], ``<stem>.lora_up.weight`` [out, r(, 1, 1)],
+``<stem>.alpha`` (0-d; missing means alpha = r, i.e. scale 1), where ``<stem>`` is a prefix
+(``lora_unet_``, ``lora_te_``, ``lora_te1_``, ``lora_te2_``...) plus the module path with ``.``
+replaced by ``_``. That mangling is not invertible, so names stay as stems until they are resolved
+against a base checkpoint's module list (:func:`loratools.formats.resolve_names`).
+``ss_*`` metadata is kept verbatim and only rewritten where the layers changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter, LoraLayer
+from loratools.errors import LoraToolsError
+from loratools.formats.common import (
+    COMPONENT_PREFIX,
+    KOHYA_PREFIXES,
+    PEFT_CONFIG_KEY,
+    atomic_path,
+    guess_component,
+    mangle,
+    save_safetensors,
+    split_component,
+)
+
+LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", "diff", "dora_scale", "diff_b", "scalar")
+
+
+def split_prefix(stem: str) -> tuple[str | None, str]:
+    """``lora_te2_text_model_x`` → (``lora_te2_``, ``text_model_x``); longest known prefix wins."""
+    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
+        if stem.startswith(prefix):
+            return prefix, stem[len(prefix):]
+    return None, stem
+
+
+def is_kohya_key(key: str) -> bool:
+    stem, _, suffix = key.partition(".")
+    return bool(stem) and "." not in stem and (suffix in LORA_SUFFIXES or suffix.startswith(LYCORIS_MARKERS))
+
+
+def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        stem, _, suffix = key.partition(".")
+        if suffix not in LORA_SUFFIXES:
+            if suffix.startswith(LYCORIS_MARKERS):
+                raise LoraToolsError(
+                    f"{source}: key {key!r} is a LyCORIS tensor ({suffix}); LoHa/LoKr/Tucker/DoRA files are not supported yet"
+                )
+            raise LoraToolsError(f"{source}: unknown key layout {key!r} (expected <stem>.lora_down.weight / .lora_up.weight / .alpha)")
+        groups.setdefault(stem, {})[LORA_SUFFIXES[suffix]] = t
+    meta = dict(metadata)
+    config_json = meta.pop(PEFT_CONFIG_KEY, None)
+    adapter = Adapter(layers={}, format="kohya", metadata=meta, source=source, resolved=False)
+    if config_json:
+        try:
+            adapter.config = json.loads(config_json)
+        except json.JSONDecodeError:
+            adapter.warnings.append(f"metadata {PEFT_CONFIG_KEY} is not valid JSON; ignored")
+    for stem, p in groups.items():
+        if "down" not in p or "up" not in p:
+            missing = "lora_down.weight" if "down" not in p else "lora_up.weight"
+            raise LoraToolsError(f"{source}: {stem} has no {missing} tensor")
+        try:
+            layer = LoraLayer(down=p["down"], up=p["up"])
+        except LoraToolsError as exc:
+            raise LoraToolsError(f"{source}: {stem}: {exc}") from None
+        if "alpha" in p:
+            a = p["alpha"]
+            if a.numel() != 1:
+                raise LoraToolsError(f"{source}: {stem}.alpha must be a scalar, got shape {tuple(a.shape)}")
+            layer.alpha = float(a.reshape(()).float())
+            layer.meta["alpha_dtype"] = a.dtype
+        prefix, _ = split_prefix(stem)
+        layer.meta["kohya_stem"] = stem
+        layer.meta["component"] = KOHYA_PREFIXES.get(prefix) if prefix else None
+        adapter.layers[stem] = layer
+    if not adapter.layers:
+        raise LoraToolsError(f"{source}: no LoRA tensors found")
+    _check_metadata(adapter)
+    return adapter
+
+
+def _check_metadata(adapter: Adapter) -> None:
+    """Warn where ss_network_alpha / ss_network_dim disagree with the tensors (a silent 16× trap)."""
+    meta = adapter.metadata
+    linear = [la for la in adapter.layers.values() if not la.is_conv]
+    alphas = Counter(la.alpha for la in linear)
+    ranks = Counter(la.rank for la in linear)
+    if "ss_network_alpha" in meta and alphas:
+        try:
+            meta_alpha = float(meta["ss_network_alpha"])
+        except ValueError:
+            meta_alpha = None  # "Dynamic" and friends
+        tensor_alpha = alphas.most_common(1)[0][0]
+        if meta_alpha is not None and tensor_alpha is not None and abs(meta_alpha - tensor_alpha) > 1e-6 * abs(meta_alpha):
+            adapter.warnings.append(
+                f"alpha disagrees: metadata ss_network_alpha={meta['ss_network_alpha']} but .alpha tensors say {tensor_alpha:g}; using the tensors"
+            )
+        if meta_alpha is not None and tensor_alpha is None:
+            adapter.warnings.append(
+                f"no .alpha tensors (scale 1) but metadata ss_network_alpha={meta['ss_network_alpha']}; using scale 1 as loaders do"
+            )
+    if "ss_network_dim" in meta and ranks:
+        try:
+            meta_dim = int(float(meta["ss_network_dim"]))
+        except ValueError:
+            meta_dim = None
+        if meta_dim is not None and len(ranks) == 1 and meta_dim not in ranks:
+            adapter.warnings.append(
+                f"rank disagrees: metadata ss_network_dim={meta_dim} but tensors have rank {next(iter(ranks))}"
+            )
+
+
+def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None) -> str:
+    stem = layer.meta.get("kohya_stem")
+    if stem and (not resolved or split_prefix(stem)[1] == mangle(split_component(name)[1])) and prefix is None:
+        return stem
+    if not resolved:
+        return name
+    component, path = split_component(name)
+    component = component or layer.meta.get("component") or guess_component(name)
+    return (prefix or COMPONENT_PREFIX.get(component, "lora_unet_")) + mangle(path)
+
+
+def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
+          prefix: str | None = None) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in adapter.layers.items():
+        if not isinstance(layer, LoraLayer):
+            raise LoraToolsError(f"{name}: {layer.kind} layers have no kohya LoRA form; convert them to LoRA first")
+        if layer.magnitude is not None:
+            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written to kohya format (use --to peft)")
+        stem = stem_for(name, layer, adapter.resolved, prefix)
+        if stem + ".lora_down.weight" in tensors:
+            raise LoraToolsError(f"two layers map to the same kohya name {stem}")
+        tensors[stem + ".lora_down.weight"] = layer.down if dtype is None else layer.down.to(dtype)
+        tensors[stem + ".lora_up.weight"] = layer.up if dtype is None else layer.up.to(dtype)
+        alpha = layer.alpha if not layer.rslora else layer.scale * layer.rank  # kohya has no rsLoRA
+        if alpha is not None:
+            adtype = layer.meta.get("alpha_dtype") or (dtype or layer.dtype)
+            tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=adtype)
+    with atomic_path(out, force, is_dir=False) as tmp:
+        save_safetensors(tensors, tmp, build_metadata(adapter))
+
+
+def build_metadata(adapter: Adapter) -> dict[str, str]:
+    """Keep every ``ss_*`` key; rewrite dim/alpha only where they no longer describe the layers."""
+    meta = dict(adapter.metadata)
+    if adapter.config.get("peft_type"):
+        meta[PEFT_CONFIG_KEY] = json.dumps(adapter.config, sort_keys=True)
+    linear = [la for la in adapter.layers.values() if not la.is_conv]
+    conv = [la for la in adapter.layers.values() if la.is_conv]
+    meta.setdefault("ss_network_module", "networks.lora")
+    for layers, dim_key, alpha_key in ((linear, "ss_network_dim", "ss_network_alpha"),):
+        if not layers:
+            continue
+        ranks = {la.rank for la in layers}
+        alphas = {la.effective_alpha if not la.rslora else la.scale * la.rank for la in layers}
+        dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
+        alpha = _fmt(next(iter(alphas))) if len(alphas) == 1 else "Dynamic"
+        if _differs(meta.get(dim_key), dim):
+            meta[dim_key] = dim
+        if _differs(meta.get(alpha_key), alpha):
+            meta[alpha_key] = alpha
+    if conv:
+        try:
+            args = json.loads(meta.get("ss_network_args", "{}"))
+        except json.JSONDecodeError:
+            args = {}
+        ranks = {la.rank for la in conv}
+        alphas = {la.effective_alpha for la in conv}
+        new = {"conv_dim": str(max(ranks)), "conv_alpha": _fmt(max(alphas))}
+        if any(str(args.get(k)) != v for k, v in new.items()) and not (len(ranks) > 1 and "conv_dim" in args):
+            args.update(new)
+            meta["ss_network_args"] = json.dumps(args)
+    return meta
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _differs(old: str | None, new: str) -> bool:
+    if old is None:
+        return True
+    try:
+        return float(old) != float(new)
+    except ValueError:
+        return old != new

@@ -1,0 +1,224 @@
+"""PEFT LoRA folders: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``).
+
+Keys (PEFT's ``get_peft_model_state_dict``): ``base_model.model.<module>.lora_A.weight`` (down),
+``.lora_B.weight`` (up), ``.lora_magnitude_vector`` (DoRA), ``.lora_embedding_A`` [r, vocab] and
+``.lora_embedding_B`` [dim, r] for embeddings (stored transposed relative to the weight); anything
+else (``modules_to_save`` copies, saved embedding base layers) is carried along untouched.
+Scale = lora_alpha / r (or / √r with ``use_rslora``), per module through ``rank_pattern`` /
+``alpha_pattern`` matched like PEFT's ``get_pattern_key``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter, LoraLayer
+from loratools.errors import LoraToolsError
+from loratools.formats.common import PEFT_CONFIG_KEY, atomic_path, json_dumps, read_tensors, save_safetensors
+
+PREFIX = "base_model.model."
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_KEY = re.compile(
+    r"^(?P<mod>.+?)\.(?:(?P<ab>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight"
+    r"|lora_embedding_(?P<emb>[AB])(?:\.[A-Za-z0-9_]+)?"
+    r"|(?P<mag>lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?)$"
+)
+_DEFAULT_CONFIG = {
+    "peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False,
+    "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": None,
+}
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def pattern_key(patterns: dict, module: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _targets(config: dict, module: str) -> bool:
+    tm = config.get("target_modules")
+    if isinstance(tm, str):
+        return re.fullmatch(tm, module) is not None
+    if not tm:
+        return False
+    return any(module == t or module.endswith("." + t) for t in tm)
+
+
+def read(path: Path) -> Adapter:
+    cfg_path = path / "adapter_config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LoraToolsError(f"{cfg_path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(config, dict):
+        raise LoraToolsError(f"{cfg_path}: expected a JSON object")
+    ptype = str(config.get("peft_type", "LORA")).upper()
+    if ptype != "LORA":
+        raise LoraToolsError(f"{cfg_path}: peft_type {ptype} is not supported (expected LORA)")
+    if config.get("fan_in_fan_out"):
+        raise LoraToolsError(f"{cfg_path}: fan_in_fan_out=true (GPT-2 Conv1D) adapters are not supported")
+    wfile = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+    if wfile is None:
+        raise LoraToolsError(f"{path}: adapter_config.json found but no adapter_model.safetensors or adapter_model.bin")
+    tensors, metadata = read_tensors(wfile)
+    metadata.pop("format", None)
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            extra[key] = t
+            continue
+        mod = m["mod"][len(PREFIX):] if m["mod"].startswith(PREFIX) else m["mod"]
+        slot = m["ab"] or (f"emb_{m['emb']}" if m["emb"] else "mag")
+        parts.setdefault(mod, {})[slot] = t
+
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", r_default))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    adapter = Adapter(layers={}, format="peft", metadata=metadata, config=config, extra_tensors=extra, source=str(path))
+    for mod, p in parts.items():
+        emb = "emb_A" in p or "emb_B" in p
+        a_key, b_key = ("emb_A", "emb_B") if emb else ("lora_A", "lora_B")
+        if a_key not in p or b_key not in p:
+            missing = "lora_embedding_" + a_key[-1] if emb and a_key not in p else (
+                "lora_embedding_" + b_key[-1] if emb else (a_key if a_key not in p else b_key))
+            raise LoraToolsError(f"{wfile}: module {mod} has no {missing} tensor")
+        a, b = p[a_key], p[b_key]
+        if emb:  # lora_embedding_A [r, vocab], lora_embedding_B [dim, r]; ΔW[vocab, dim] = Aᵀ Bᵀ
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise LoraToolsError(
+                    f"{wfile}: module {mod}: lora_embedding_A {tuple(a.shape)} and lora_embedding_B {tuple(b.shape)} do not fit"
+                )
+            down, up = b.T, a.T
+        else:
+            down, up = a, b
+        try:
+            layer = LoraLayer(down=down, up=up, rslora=rslora, embedding=emb)
+        except LoraToolsError as exc:
+            raise LoraToolsError(f"{wfile}: module {mod}: {exc}") from None
+        rk = pattern_key(rank_pattern, mod)
+        expect_r = int(rank_pattern[rk]) if rk is not None else r_default
+        if expect_r != layer.rank:
+            adapter.warnings.append(
+                f"{mod}: tensors have rank {layer.rank} but adapter_config.json says r={expect_r}; using {layer.rank}"
+            )
+        ak = pattern_key(alpha_pattern, mod)
+        layer.alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
+        if "mag" in p:
+            mag = p["mag"].reshape(-1)
+            if mag.numel() != layer.shape[0]:
+                raise LoraToolsError(
+                    f"{wfile}: module {mod}: lora_magnitude_vector has {mag.numel()} values, expected {layer.shape[0]} (out features)"
+                )
+            layer.magnitude = p["mag"]
+        adapter.layers[mod] = layer
+    if not adapter.layers:
+        raise LoraToolsError(f"{wfile}: no LoRA tensors found (expected *.lora_A.weight / *.lora_B.weight keys)")
+    if config.get("modules_to_save"):
+        adapter.warnings.append(
+            f"modules_to_save {config['modules_to_save']}: {len(extra)} full tensor(s) carried along unchanged"
+        )
+    return adapter
+
+
+def _describes(config: dict, adapter: Adapter, rslora: bool) -> bool:
+    """Whether an existing config already gives every layer its rank, alpha and targeting."""
+    r = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", r))
+    rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if bool(config.get("use_rslora", False)) != rslora:
+        return False
+    for name, layer in adapter.layers.items():
+        rk, ak = pattern_key(rp, name), pattern_key(ap, name)
+        if (int(rp[rk]) if rk else r) != layer.rank:
+            return False
+        if (float(ap[ak]) if ak else alpha) != _alpha_for(layer, rslora):
+            return False
+        if not _targets(config, name):
+            return False
+    return True
+
+
+def _alpha_for(layer: LoraLayer, rslora: bool) -> float:
+    """The alpha that gives ``layer`` its scale under the adapter-wide rsLoRA setting."""
+    if layer.rslora == rslora and layer.alpha is not None:
+        return float(layer.alpha)
+    return layer.scale * (layer.rank**0.5 if rslora else layer.rank)
+
+
+def build_config(adapter: Adapter) -> dict:
+    layers = adapter.layers
+    rs = Counter(layer.rslora for layer in layers.values()).most_common(1)[0][0]
+    dora = [layer.magnitude is not None for layer in layers.values()]
+    if any(dora) and not all(dora):
+        raise LoraToolsError("PEFT cannot hold DoRA and plain LoRA layers in one adapter (use_dora is global)")
+    source = dict(adapter.config) if adapter.config.get("peft_type") else {}
+    if source and _describes(source, adapter, rs) and bool(source.get("use_dora", False)) == any(dora):
+        return source
+    config = {**_DEFAULT_CONFIG, **{k: v for k, v in source.items() if k not in ("rank_pattern", "alpha_pattern")}}
+    ranks = {n: layer.rank for n, layer in layers.items()}
+    alphas = {n: _alpha_for(layer, rs) for n, layer in layers.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config.update(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        rank_pattern={n: v for n, v in ranks.items() if v != r},
+        alpha_pattern={n: v for n, v in alphas.items() if v != alpha},
+        use_rslora=rs,
+        use_dora=any(dora),
+    )
+    if not (source and all(_targets(source, n) for n in layers)):
+        config["target_modules"] = sorted(layers)
+    return config
+
+
+def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None) -> None:
+    if not adapter.resolved:
+        raise LoraToolsError(
+            "layer names are kohya-mangled and were not resolved to module paths; pass --base CKPT to resolve them"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in adapter.layers.items():
+        if not isinstance(layer, LoraLayer):
+            raise LoraToolsError(f"{name}: {layer.kind} layers have no PEFT LoRA form; convert them to LoRA first")
+        if layer.magnitude is not None and layer.magnitude_axis != "out":
+            raise LoraToolsError(
+                f"{name}: DoRA magnitude is per input column; PEFT has no such form (use --fold-dora)"
+            )
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if dtype is not None else t
+
+        stem = "base_model.model." + name
+        if layer.embedding:
+            tensors[stem + ".lora_embedding_A"] = cast(layer.up.T)
+            tensors[stem + ".lora_embedding_B"] = cast(layer.down.T)
+        else:
+            tensors[stem + ".lora_A.weight"] = cast(layer.down)
+            tensors[stem + ".lora_B.weight"] = cast(layer.up)
+        if layer.magnitude is not None:
+            tensors[stem + ".lora_magnitude_vector"] = cast(layer.magnitude)
+    config = build_config(adapter)
+    for k, t in adapter.extra_tensors.items():
+        tensors[k] = t
+    metadata = {**{k: v for k, v in adapter.metadata.items() if k != PEFT_CONFIG_KEY}, "format": "pt"}
+    with atomic_path(out, force, is_dir=True) as tmp:
+        save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata)
+        (tmp / "adapter_config.json").write_text(json_dumps(config) + "\n")

@@ -1,0 +1,48 @@
+"""Library side of ``inspect``: an adapter's per-layer spectra and totals as plain data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from loratools.checkpoint import Checkpoint
+from loratools.formats import load_adapter
+from loratools.formats.common import split_component
+from loratools.stats import adapter_summary, layer_report
+
+Progress = Callable[[Iterable, int], Iterable]
+
+
+def inspect_adapter(
+    path: str | Path,
+    base: str | Path | None = None,
+    format: str | None = None,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """``{"format", "layers": [row...], "summary": {...}}`` — see :func:`loratools.stats.layer_report`."""
+    ckpt = Checkpoint(base) if base else None
+    adapter = load_adapter(path, format=format, base=ckpt, allow_nonfinite=allow_nonfinite)
+    modules = ckpt.modules() if ckpt else {}
+    items = list(adapter.layers.items())
+    rows = []
+    unmatched = []
+    for name, layer in (progress(items, len(items)) if progress else items):
+        base_norm = None
+        if ckpt is not None:
+            key = modules.get(split_component(name)[1]) or modules.get(name)
+            if key is None:
+                unmatched.append(name)
+            else:
+                w = ckpt.get(key)
+                if tuple(w.shape) != tuple(layer.shape):
+                    adapter.warnings.append(f"{name}: adapter shape {tuple(layer.shape)} != base {key} {tuple(w.shape)}")
+                base_norm = float(w.float().norm())
+        rows.append(layer_report(name, layer, base_norm))
+    summary = adapter_summary(adapter, rows)
+    if ckpt is not None:
+        summary["unmatched"] = unmatched
+        summary["base"] = str(base)
+    summary["total_fro_norm"] = math.sqrt(sum(r["fro_norm"] ** 2 for r in rows))
+    return {"format": adapter.format, "source": str(path), "layers": rows, "summary": summary}

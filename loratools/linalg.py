@@ -1,0 +1,199 @@
+"""All singular value decompositions of loratools live here (DESIGN.md §4).
+
+* :func:`factored_svd` — exact SVD of ``L @ R.T`` from the thin factors, never forming the product:
+  ``L = Q_L R_L``, ``R = Q_R R_R`` (thin QR), ``C = R_L R_Rᵀ`` (k×k), ``C = U_c Σ V_cᵀ``, so
+  ``L Rᵀ = (Q_L U_c) Σ (Q_R V_c)ᵀ``. Cost O((m+n)k² + k³) instead of O(mn·min(m, n)).
+* :func:`randomized_svd` — Halko, Martinsson & Tropp (2011), for dense differences.
+* :class:`RankRule` — the rank rules shared by extract, resize, merge and convert.
+* :func:`lora_from_svd` — turns truncated ``U Σ Vᵀ`` back into a LoRA layer (balanced √Σ split).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loratools.adapter import LoraLayer, lora_scale
+from loratools.errors import LoraToolsError
+
+Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SVD kernels exist for float32/float64 only: upcast half precision, keep float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def svd(matrix: torch.Tensor) -> Svd:
+    """Thin exact SVD (never ``full_matrices=True``), upcast to float32 or better."""
+    a = matrix.to(compute_dtype(matrix.dtype))
+    return torch.linalg.svd(a, full_matrices=False)
+
+
+def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Svd:
+    """Exact thin SVD of ``left @ right.T`` without forming it.
+
+    Args:
+        left: [m, k]; right: [n, k]. Any k, including k > min(m, n) and rank-deficient factors.
+
+    Returns:
+        ``U`` [m, p], ``S`` [p] (descending), ``Vh`` [p, n] with p = min(m, n, k) and
+        ``left @ right.T == U @ diag(S) @ Vh`` to working precision.
+    """
+    m, k = left.shape
+    n = right.shape[0]
+    if right.shape[1] != k:
+        raise LoraToolsError(f"factor inner dimensions differ: left {tuple(left.shape)}, right {tuple(right.shape)}")
+    if k >= min(m, n):
+        # the factors are no thinner than the matrix: the dense product is the cheaper route
+        return svd(left @ right.T)
+    q_l, r_l = torch.linalg.qr(left)
+    q_r, r_r = torch.linalg.qr(right)
+    u_c, s, vh_c = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
+    return q_l @ u_c, s, vh_c @ q_r.T
+
+
+def randomized_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int = 0,
+) -> Svd:
+    """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Algorithms 4.4 and 5.1).
+
+    A Gaussian sketch ``Y = A Ω`` with ``rank + oversample`` columns captures the range of ``A``;
+    ``n_iter`` power iterations ``(A Aᵀ)^q`` sharpen a slowly decaying spectrum, each followed by
+    a QR re-orthonormalization so that small singular directions are not lost to rounding. The
+    small matrix ``B = Qᵀ A`` is then decomposed exactly. Ω is drawn from a CPU generator seeded
+    with ``seed``, so results do not depend on the device or on global RNG state.
+
+    Args:
+        matrix: [m, n], float32/float64, on any device.
+        rank: number of singular triplets returned (≤ min(m, n)).
+        oversample: extra sketch columns; 8–16 is plenty for decaying spectra.
+        n_iter: power iterations; more help flat spectra at the cost of 2 matmuls each.
+        seed: seed of the Gaussian test matrix.
+    """
+    m, n = matrix.shape
+    rank = min(rank, m, n)
+    width = min(rank + oversample, m, n)
+    if width >= min(m, n) * 0.5:
+        u, s, vh = svd(matrix)
+        return u[:, :rank], s[:rank], vh[:rank]
+    a = matrix
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, width, generator=gen, dtype=a.dtype).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(n_iter):
+        z, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ ub)[:, :rank], s[:rank], vh[:rank]
+
+
+RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How many singular values to keep.
+
+    * ``rank``: a fixed k.
+    * ``energy``: the smallest k with Σ_{i≤k} σᵢ² ≥ τ·‖ΔW‖_F², measured against the exact total
+      energy (never against a truncated spectrum).
+    * ``ratio``: σᵢ ≥ σ₁ / ρ.
+    * ``threshold``: σᵢ ≥ t.
+    * ``full``: every singular value above round-off (exact, structural rank).
+
+    All rules are capped by ``max_rank`` and by the number of available singular values.
+    """
+
+    kind: str = "full"
+    value: float = 0.0
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULE_KINDS:
+            raise LoraToolsError(f"unknown rank rule {self.kind!r}; expected one of {', '.join(RULE_KINDS)}")
+        if self.kind == "rank" and (self.value < 1 or self.value != int(self.value)):
+            raise LoraToolsError(f"--rank must be a positive integer, got {self.value}")
+        if self.kind == "energy" and not 0 < self.value <= 1:
+            raise LoraToolsError(f"--energy must be in (0, 1], got {self.value}")
+        if self.kind == "ratio" and self.value < 1:
+            raise LoraToolsError(f"--ratio must be ≥ 1, got {self.value}")
+        if self.kind == "threshold" and self.value < 0:
+            raise LoraToolsError(f"--threshold must be ≥ 0, got {self.value}")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise LoraToolsError(f"--max-rank must be ≥ 1, got {self.max_rank}")
+
+    def describe(self) -> str:
+        text = "exact (structural rank)" if self.kind == "full" else f"{self.kind}={self.value:g}"
+        return text + (f", max rank {self.max_rank}" if self.max_rank else "")
+
+    def choose(self, s: torch.Tensor, total_energy: float | None = None) -> int:
+        """Rank to keep given descending singular values ``s`` (possibly a truncated spectrum).
+
+        ``total_energy`` is ‖ΔW‖_F²; it defaults to Σ s² (correct only for a complete spectrum).
+        """
+        s = s.double().cpu()
+        if s.numel() == 0 or float(s[0]) <= 0:
+            return 0
+        energy = s.square()
+        total = float(energy.sum()) if total_energy is None else float(total_energy)
+        nonzero = int((s > float(s[0]) * max(s.numel(), 1) * 1e-6).sum())
+        if self.kind == "full":
+            k = nonzero
+        elif self.kind == "rank":
+            k = int(self.value)
+        elif self.kind == "energy":
+            cum = torch.cumsum(energy, 0)
+            # relative slack of a few ulps so that τ = 1 keeps exactly the non-zero spectrum
+            reached = (cum >= self.value * total * (1 - 1e-9)).nonzero()
+            k = int(reached[0]) + 1 if reached.numel() else s.numel()
+            k = min(k, nonzero) if self.value < 1 else k
+        elif self.kind == "ratio":
+            k = int((s >= float(s[0]) / self.value).sum())
+        else:
+            k = int((s >= self.value).sum())
+        if self.max_rank is not None:
+            k = min(k, self.max_rank)
+        return max(0, min(k, s.numel()))
+
+    def satisfied_by(self, s: torch.Tensor, total_energy: float, cap: int) -> bool:
+        """Whether a truncated spectrum ``s`` already decides the rule (used to grow a sketch)."""
+        k = self.choose(s, total_energy)
+        return k < s.numel() or s.numel() >= cap
+
+
+def lora_from_svd(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    vh: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    alpha: float | None = None,
+    rslora: bool = False,
+) -> LoraLayer:
+    """LoRA layer reproducing ``U diag(S) Vh`` (reshaped to ``shape``) under PEFT/kohya scaling.
+
+    Σ is split evenly: up = U·√(Σ/scale), down = √(Σ/scale)·Vh. The balanced split keeps both
+    factors at the magnitude √σ, which is what keeps fp16 storage safe: an unbalanced U·Σ can
+    overflow 65504 (or lose σ's small digits) where √σ cannot. ``alpha`` defaults to the new rank
+    (scale 1); another alpha is honoured by dividing the scale out of the factors.
+    """
+    k = int(s.numel())
+    if k == 0:
+        raise LoraToolsError("cannot build a LoRA layer of rank 0")
+    if alpha is None:
+        alpha = math.sqrt(k) if rslora else float(k)
+    scale = lora_scale(alpha, k, rslora)
+    root = torch.sqrt(s.clamp_min(0) / scale)
+    up = u * root
+    down = root[:, None] * vh
+    if len(shape) > 2:
+        down = down.reshape(k, *shape[1:])
+        up = up.reshape(shape[0], k, *([1] * (len(shape) - 2)))
+    return LoraLayer(down=down.to(dtype).contiguous(), up=up.to(dtype).contiguous(), alpha=float(alpha), rslora=rslora)

@@ -1,0 +1,127 @@
+"""linalg: factored SVD and rank rules against dense float64 SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loratools.adapter import LoraLayer
+from loratools.errors import LoraToolsError
+from loratools.linalg import RankRule, factored_svd, lora_from_svd, randomized_svd
+
+
+def dense_sv(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals((left.double() @ right.double().T))
+
+
+def check(left, right, rtol=1e-5):
+    u, s, vh = factored_svd(left, right)
+    ref = dense_sv(left, right)
+    k = min(s.numel(), ref.numel())
+    scale = float(ref[0]) if ref.numel() and float(ref[0]) > 0 else 1.0
+    assert torch.allclose(s[:k].double(), ref[:k], atol=rtol * scale * 10, rtol=rtol)
+    assert float(ref[k:].abs().max()) <= rtol * scale * 10 if ref.numel() > k else True
+    recon = (u.double() * s.double()) @ vh.double()
+    prod = left.double() @ right.double().T
+    assert float((recon - prod).norm()) <= 1e-5 * max(float(prod.norm()), 1e-30) + 1e-30
+    # orthonormal columns where σ > 0
+    nz = int((s > 1e-6 * scale).sum())
+    eye = torch.eye(nz, dtype=torch.float64)
+    assert torch.allclose(u[:, :nz].double().T @ u[:, :nz].double(), eye, atol=1e-4)
+    assert torch.allclose(vh[:nz].double() @ vh[:nz].double().T, eye, atol=1e-4)
+
+
+@pytest.mark.parametrize("m,n,r", [(64, 48, 8), (48, 64, 8), (300, 200, 16), (10, 12, 30), (5, 7, 5), (128, 1, 4)])
+def test_factored_svd_random(m, n, r):
+    g = torch.Generator().manual_seed(m * n + r)
+    check(torch.randn(m, r, generator=g), torch.randn(n, r, generator=g))
+
+
+def test_factored_svd_rank_deficient_and_zero():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(80, 2, generator=g)
+    left = torch.cat([base, base @ torch.randn(2, 6, generator=g)], 1)  # rank 2 of 8 columns
+    right = torch.randn(60, 8, generator=g)
+    u, s, vh = factored_svd(left, right)
+    ref = dense_sv(left, right)
+    assert torch.allclose(s.double(), ref[: s.numel()], atol=1e-4 * float(ref[0]))
+    assert float(s[2]) <= 1e-5 * float(s[0])
+    _, s0, _ = factored_svd(torch.zeros(30, 4), torch.randn(20, 4, generator=g))
+    assert float(s0.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-8, 1.0, 1e8, 1e18])
+def test_factored_svd_extreme_scales(scale):
+    g = torch.Generator().manual_seed(1)
+    left, right = torch.randn(50, 6, generator=g) * scale, torch.randn(40, 6, generator=g)
+    _, s, _ = factored_svd(left, right)
+    ref = dense_sv(left, right)
+    assert torch.allclose(s.double(), ref[:6], rtol=1e-4)
+
+
+def test_factored_svd_conv_layer():
+    g = torch.Generator().manual_seed(2)
+    layer = LoraLayer(down=torch.randn(4, 8, 3, 3, generator=g), up=torch.randn(16, 4, 1, 1, generator=g), alpha=2.0)
+    dense = layer.delta(torch.float64)
+    assert dense.shape == (16, 8, 3, 3)
+    ref = torch.linalg.svdvals(dense.reshape(16, -1))
+    _, s, _ = factored_svd(*layer.factors())
+    assert torch.allclose(s.double(), ref[:4], rtol=1e-5)
+    conv = torch.nn.functional.conv2d
+    x = torch.randn(1, 8, 5, 5, generator=g, dtype=torch.float64)
+    two_step = conv(conv(x, layer.down.double()), layer.up.double()) * layer.scale
+    assert torch.allclose(conv(x, dense), two_step, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), r=st.integers(1, 12), seed=st.integers(0, 10_000))
+def test_factored_svd_property(m, n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    check(torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64), 1e-9)
+
+
+def test_randomized_svd_matches_exact_on_decaying_spectrum():
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(400, 400, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(300, 300, generator=g))
+    s = 0.8 ** torch.arange(300, dtype=torch.float32)
+    a = (u[:, :300] * s) @ v.T
+    _, sr, _ = randomized_svd(a, 20, seed=0)
+    assert torch.allclose(sr, s[:20], rtol=1e-3)
+    _, sr2, _ = randomized_svd(a, 20, seed=0)
+    assert torch.equal(sr, sr2)  # seeded: deterministic
+
+
+def test_rank_rules():
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.0])
+    total = float((s**2).sum())  # 21.25
+    assert RankRule("rank", 2).choose(s) == 2
+    assert RankRule("rank", 10).choose(s) == 5
+    assert RankRule("energy", 16 / 21.25).choose(s) == 1
+    assert RankRule("energy", 16.01 / 21.25).choose(s) == 2
+    assert RankRule("energy", 1.0).choose(s) == 4  # the zero is not kept
+    # against an exact total larger than the truncated spectrum's energy
+    assert RankRule("energy", 0.9).choose(s[:2], total_energy=total * 2) == 2
+    assert RankRule("ratio", 4).choose(s) == 3
+    assert RankRule("threshold", 0.5).choose(s) == 4
+    assert RankRule("full").choose(s) == 4
+    assert RankRule("energy", 0.99, max_rank=2).choose(s) == 2
+    assert RankRule("rank", 3).choose(torch.zeros(4)) == 0
+    with pytest.raises(LoraToolsError):
+        RankRule("energy", 1.5)
+    with pytest.raises(LoraToolsError):
+        RankRule("rank", 0)
+
+
+@pytest.mark.parametrize("alpha,rslora", [(None, False), (16.0, False), (8.0, True)])
+def test_lora_from_svd_reproduces_truncation(alpha, rslora):
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    layer = lora_from_svd(u[:, :5], s[:5], vh[:5], (30, 20), torch.float64, alpha=alpha, rslora=rslora)
+    assert layer.rank == 5
+    assert torch.allclose(layer.delta(torch.float64), (u[:, :5] * s[:5]) @ vh[:5], atol=1e-12)
+    # balanced split: both factors carry √σ
+    assert torch.allclose(layer.up.norm(dim=0), layer.down.norm(dim=1), rtol=1e-9)
