@@ -97,6 +97,8 @@ def randomized_svd(
 RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
 
 
+
+
 @dataclass(frozen=True)
 class RankRule:
     """How many singular values to keep.
@@ -166,6 +168,41 @@ class RankRule:
         """Whether a truncated spectrum ``s`` already decides the rule (used to grow a sketch)."""
         k = self.choose(s, total_energy)
         return k < s.numel() or s.numel() >= cap
+
+
+def truncated_svd(
+    matrix: torch.Tensor,
+    rule: RankRule,
+    seed: int = 0,
+    exact: bool = False,
+    oversample: int = 10,
+    n_iter: int = 4,
+    start_rank: int = 32,
+    exact_below: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Truncated SVD of a dense matrix under a rank rule; returns ``(U, S, Vh, ‖A‖_F²)``.
+
+    ``‖A‖_F²`` is computed exactly from the matrix, so energy rules and retained-energy reports
+    never depend on a truncated spectrum. Small matrices (min(m, n) ≤ ``exact_below``) or
+    ``exact=True`` use the exact thin SVD. Otherwise a randomized sketch of ``start_rank`` (or the
+    fixed rank) columns is grown by doubling until the rule is decided inside the computed spectrum
+    or the cap (``max_rank``, min(m, n)) is reached.
+    """
+    a = matrix.to(compute_dtype(matrix.dtype))
+    m, n = a.shape
+    total = float(a.double().square().sum()) if a.dtype != torch.float64 else float(a.square().sum())
+    cap = min(m, n, rule.max_rank or min(m, n))
+    if exact or min(m, n) <= exact_below:
+        u, s, vh = svd(a)
+    else:
+        k = min(int(rule.value) if rule.kind == "rank" else start_rank, cap)
+        while True:
+            u, s, vh = randomized_svd(a, k, oversample=oversample, n_iter=n_iter, seed=seed)
+            if rule.kind == "rank" or k >= cap or rule.satisfied_by(s, total, cap):
+                break
+            k = min(2 * k, cap)
+    keep = rule.choose(s, total)
+    return u[:, :keep], s[:keep], vh[:keep], total
 
 
 def lora_from_svd(

@@ -13,7 +13,7 @@ from loratools.linalg import RankRule, factored_svd, lora_from_svd, randomized_s
 
 
 def dense_sv(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals((left.double() @ right.double().T))
+    return torch.linalg.svdvals(left.double() @ right.double().T)
 
 
 def check(left, right, rtol=1e-5):
@@ -125,3 +125,22 @@ def test_lora_from_svd_reproduces_truncation(alpha, rslora):
     assert torch.allclose(layer.delta(torch.float64), (u[:, :5] * s[:5]) @ vh[:5], atol=1e-12)
     # balanced split: both factors carry √σ
     assert torch.allclose(layer.up.norm(dim=0), layer.down.norm(dim=1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("rule", [RankRule("rank", 12), RankRule("energy", 0.95), RankRule("ratio", 50.0),
+                                  RankRule("threshold", 0.05), RankRule("energy", 0.999, max_rank=40)])
+def test_truncated_svd_randomized_matches_exact_rule(rule):
+    from loratools.linalg import truncated_svd
+
+    g = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(600, 400, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(500, 400, generator=g))
+    s = 0.9 ** torch.arange(400, dtype=torch.float32)
+    a = (u * s) @ v.T + 1e-4 * torch.randn(600, 500, generator=g)
+    _, se, _, total_e = truncated_svd(a, rule, exact=True)
+    ur, sr, vhr, total_r = truncated_svd(a, rule, seed=0, start_rank=8)
+    assert total_e == pytest.approx(total_r, rel=1e-9)
+    assert sr.numel() == se.numel()
+    err_opt = float(se.double().square().sum())
+    err_r = float(((ur * sr) @ vhr).double().square().sum())
+    assert err_r == pytest.approx(err_opt, rel=5e-3)

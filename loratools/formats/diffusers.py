@@ -15,7 +15,13 @@ import torch
 
 from loratools.adapter import Adapter, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.formats.common import COMPONENTS, atomic_path, guess_component, save_safetensors, split_component
+from loratools.formats.common import (
+    COMPONENTS,
+    atomic_path,
+    guess_component,
+    save_safetensors,
+    split_component,
+)
 
 _KEY = re.compile(
     r"^(?P<mod>.+?)\.(?:lora\.(?P<du>down|up)\.weight|(?P<ab>lora_A|lora_B)\.weight|(?P<alpha>alpha))$"
