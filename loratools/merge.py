@@ -348,19 +348,24 @@ def merge_adapters(
         targets = [_weighted_factors(layer, w, work, dev) for layer, w in present]
         t_left = torch.cat([t[0] for t in targets], 1)
         t_right = torch.cat([t[1] for t in targets], 1)
+        spectrum = None
         if method in EXACT_METHODS:
-            new = _merge_exact(t_left, t_right, like, out_dtype, None if method == "cat" and rank is None else new_rank)
+            new, spectrum = _merge_exact(t_left, t_right, like, out_dtype,
+                                         None if method == "cat" and rank is None else new_rank)
         elif method in AB_METHODS:
             new = _merge_ab(base_method, present, like, density, majority_sign, gen, work, dev, out_dtype)
             if rank is not None and rank < new.rank:
-                new = _merge_exact(*_weighted_factors(new, 1.0, work, dev), like, out_dtype, rank)
+                new, _ = _merge_exact(*_weighted_factors(new, 1.0, work, dev), like, out_dtype, rank)
         else:
             new = _merge_dense(base_method, present, like, density, majority_sign, gen, work, dev, out_dtype,
                                new_rank, seed, exact_svd)
         new = _finish(new, like)
-        n_left, n_right = _weighted_factors(new, 1.0, work, dev)
-        target = _fro2(t_left, t_right)
-        err = _fro2(torch.cat([n_left, -t_left], 1), torch.cat([n_right, t_right], 1))
+        if spectrum is not None:  # exact methods: the error is the discarded part of the exact spectrum
+            target, err = spectrum
+        else:
+            n_left, n_right = _weighted_factors(new, 1.0, work, dev)
+            target = _fro2(t_left, t_right)
+            err = _fro2(torch.cat([n_left, -t_left], 1), torch.cat([n_right, t_right], 1))
         report.layers.append(LayerMerge(name, len(present), new.rank, math.sqrt(target),
                                         math.sqrt(err / target) if target > 0 else 0.0))
         layers[name] = new
@@ -402,13 +407,19 @@ def _check_ab(adapters: list[Adapter], labels: list[str]) -> None:
             seen.setdefault(name, (layer.rank, label))
 
 
-def _merge_exact(left: torch.Tensor, right: torch.Tensor, like: Layer, dtype: torch.dtype, rank: int | None) -> LoraLayer:
-    """``cat`` (rank None) or the exact factored SVD truncated to ``rank``."""
+def _merge_exact(left: torch.Tensor, right: torch.Tensor, like: Layer, dtype: torch.dtype,
+                 rank: int | None) -> tuple[LoraLayer, tuple[float, float] | None]:
+    """``cat`` (rank None) or the exact factored SVD truncated to ``rank``.
+
+    Returns the layer and, for the SVD, (‖L Rᵀ‖_F², discarded energy Σ_{i>k} σᵢ²).
+    """
     if rank is None:
-        return _layer_from_factors(left, right, like, dtype)
+        return _layer_from_factors(left, right, like, dtype), (_fro2(left, right), 0.0)
     u, s, vh = factored_svd(left, right)
     k = min(rank, int(s.numel()))
-    return lora_from_svd(u[:, :k].cpu(), s[:k].cpu(), vh[:k].cpu(), like.shape, dtype)
+    energy = s.double().square()
+    new = lora_from_svd(u[:, :k].cpu(), s[:k].cpu(), vh[:k].cpu(), like.shape, dtype)
+    return new, (float(energy.sum()), float(energy[k:].sum()))
 
 
 def _merge_ab(method: str, present: list[tuple[Layer, float]], like: Layer, density: float | None,
