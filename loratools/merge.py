@@ -45,6 +45,7 @@ from loratools.errors import LoraToolsError
 from loratools.formats.common import mangle, split_component
 from loratools.formats.kohya import split_prefix
 from loratools.linalg import RankRule, factored_svd, lora_from_svd, truncated_svd
+from loratools.resize import factored_norm2
 
 Progress = Callable[[Iterable, int], Iterable]
 
@@ -235,12 +236,6 @@ def _weighted_factors(layer: Layer, w: float, dtype: torch.dtype, device: torch.
     return left.to(device), right.to(device) * w
 
 
-def _fro2(left: torch.Tensor, right: torch.Tensor) -> float:
-    """‖L Rᵀ‖_F² = Σ (LᵀL) ⊙ (RᵀR), in float64, without the m×n product."""
-    left, right = left.double(), right.double()
-    return max(float(((left.T @ left) * (right.T @ right)).sum()), 0.0)
-
-
 def _layer_from_factors(left: torch.Tensor, right: torch.Tensor, like: Layer, dtype: torch.dtype) -> LoraLayer:
     """LoRA layer with up = L, down = Rᵀ (reshaped to ``like``), alpha = rank (scale 1)."""
     k = left.shape[1]
@@ -364,8 +359,8 @@ def merge_adapters(
             target, err = spectrum
         else:
             n_left, n_right = _weighted_factors(new, 1.0, work, dev)
-            target = _fro2(t_left, t_right)
-            err = _fro2(torch.cat([n_left, -t_left], 1), torch.cat([n_right, t_right], 1))
+            target = factored_norm2(t_left, t_right)
+            err = factored_norm2(torch.cat([n_left, -t_left], 1), torch.cat([n_right, t_right], 1))
         report.layers.append(LayerMerge(name, len(present), new.rank, math.sqrt(target),
                                         math.sqrt(err / target) if target > 0 else 0.0))
         layers[name] = new
@@ -414,7 +409,7 @@ def _merge_exact(left: torch.Tensor, right: torch.Tensor, like: Layer, dtype: to
     Returns the layer and, for the SVD, (‖L Rᵀ‖_F², discarded energy Σ_{i>k} σᵢ²).
     """
     if rank is None:
-        return _layer_from_factors(left, right, like, dtype), (_fro2(left, right), 0.0)
+        return _layer_from_factors(left, right, like, dtype), (factored_norm2(left, right), 0.0)
     u, s, vh = factored_svd(left, right)
     k = min(rank, int(s.numel()))
     energy = s.double().square()

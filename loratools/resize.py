@@ -105,6 +105,12 @@ def _selected(name: str, layer: Layer, include: list[str], exclude: list[str]) -
     return not any(fnmatch.fnmatchcase(n, g) for n in names for g in exclude)
 
 
+def factored_norm2(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖L Rᵀ‖_F² = Σ (LᵀL) ⊙ (RᵀR), in float64, without forming the m×n product."""
+    left, right = left.double(), right.double()
+    return max(float(((left.T @ left) * (right.T @ right)).sum()), 0.0)
+
+
 def _compute_dtype(layer: Layer) -> torch.dtype:
     return torch.float64 if layer.dtype == torch.float64 else torch.float32
 
@@ -144,35 +150,34 @@ def resize_adapter(
     report = ResizeReport(rule=(rule.describe() if rule else "keep ranks")
                           + (f"; conv: {conv_rule.describe()}" if conv_rule else ""))
     items = list(adapter.layers.items())
-    # pass 1: exact spectra (needed for norms before a relative prune threshold is known)
-    spectra: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for name, layer in (progress(items, len(items)) if progress else items):
-        if _selected(name, layer, include, exclude):
-            spectra[name] = layer_svd(layer)
-    norms = {n: float(s.double().square().sum().sqrt()) for n, (_, s, _) in spectra.items()}
+    selected = {name for name, layer in items if _selected(name, layer, include, exclude)}
+    # ‖ΔW‖_F of every selected layer from the Gram matrices of its factors (cheap, no SVD), so that a
+    # relative prune threshold is known before the one streaming SVD pass below
+    norms = {name: math.sqrt(factored_norm2(*layer.factors(_compute_dtype(layer))))
+             for name, layer in items if name in selected} if prune is not None else {}
     threshold = None
     if prune is not None:
         threshold = prune.value * (max(norms.values(), default=0.0) if prune.relative else 1.0)
 
     layers: dict[str, Layer] = {}
     dora_resized = []
-    for name, layer in items:
+    for name, layer in (progress(items, len(items)) if progress else items):
         params = layer.num_params
         base = dict(name=name, kind=layer.kind + ("+dora" if layer.magnitude is not None else ""),
                     shape=list(layer.shape), old_rank=layer.rank, params_before=params)
-        if name not in spectra:
+        if name not in selected:
             report.layers.append(LayerResize(**base, new_rank=0, fro_norm=0.0, retained_energy=0.0,
                                              relative_error=1.0, action="excluded", params_after=0))
             continue
-        u, s, vh = spectra[name]
-        norm = norms[name]
-        if threshold is not None and norm < threshold:
-            report.layers.append(LayerResize(**base, new_rank=0, fro_norm=norm, retained_energy=0.0,
+        if threshold is not None and norms[name] < threshold:
+            report.layers.append(LayerResize(**base, new_rank=0, fro_norm=norms[name], retained_energy=0.0,
                                              relative_error=1.0, action="pruned", params_after=0))
             continue
+        u, s, vh = layer_svd(layer)
         r = conv_rule if (conv_rule is not None and layer.is_conv) else rule
         energy = s.double().square()
         total = float(energy.sum())
+        norm = math.sqrt(total)
         k = layer.rank if r is None else r.choose(s, total)
         if r is not None and k == 0:
             report.layers.append(LayerResize(**base, new_rank=0, fro_norm=norm, retained_energy=0.0,

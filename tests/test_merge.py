@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loratools.adapter import Adapter, LoraLayer
 from loratools.errors import LoraToolsError
@@ -161,3 +163,17 @@ def test_merge_bad_inputs(cli, samples, tmp_path):
 def test_merge_help_names_exact_methods(cli):
     text = cli.ok("merge", "--help").output
     assert "Exact methods" in text and "Approximations" in text and "svd (default)" in text
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(2, 30), n=st.integers(2, 30), r1=st.integers(1, 6), r2=st.integers(1, 6),
+       w1=st.floats(-3, 3), w2=st.floats(-3, 3), seed=st.integers(0, 1000))
+def test_svd_merge_property_full_rank_is_exact(m, n, r1, r2, w1, w2, seed):
+    a = rand_adapter({"x": (m, n)}, r1, seed, float(r1 * 2))
+    b = rand_adapter({"x": (m, n)}, r2, seed + 1, 1.0, rslora=True)
+    exact = w1 * a.layers["x"].delta(torch.float64) + w2 * b.layers["x"].delta(torch.float64)
+    for method in ("svd", "cat"):
+        merged, report = merge_adapters([(a, w1), (b, w2)], method=method, rank=r1 + r2 if method == "svd" else None)
+        got = merged.layers["x"].delta(torch.float64)
+        assert float((got - exact).norm()) <= 1e-5 * max(float(exact.norm()), 1e-6)
+        assert report.layers[0].relative_error < 1e-4 or float(exact.norm()) < 1e-6
