@@ -304,7 +304,7 @@ def merge_adapters(
         if dora:
             raise LoraToolsError(
                 f"{label}: DoRA layer {dora[0]} cannot be merged (a magnitude vector is defined for one ΔW, not for a "
-                "weighted sum; PEFT silently drops it); bake DoRA adapters into the base with `loratools bake` instead"
+                "weighted sum; PEFT ignores the inputs' magnitudes); bake DoRA adapters into the base with `loratools bake` instead"
             )
     align_names(adapters)
     check_compatible(adapters, labels)
