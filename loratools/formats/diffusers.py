@@ -72,7 +72,8 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None) -> None:
     if not adapter.resolved:
         raise LoraToolsError(
-            "layer names are kohya-mangled and were not resolved to module paths; pass --base CKPT to resolve them"
+            f"layer names are kohya-mangled (e.g. {next(iter(adapter.layers))}) and could not be resolved to module paths; "
+            "pass --base CKPT (the model the adapter was trained on) to resolve them"
         )
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter.layers.items():
