@@ -181,3 +181,12 @@ def test_peft_config_with_missing_weights(cli, tmp_path):
     (tmp_path / "a").mkdir()
     shutil.copy(SAMPLES / "peft_lora" / "adapter_config.json", tmp_path / "a")
     cli.fails("inspect", tmp_path / "a", match="no adapter_model.safetensors")
+
+
+def test_outputs_get_umask_permissions(cli, tmp_path):
+    cli.ok("convert", SAMPLES / "peft_lora", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    cli.ok("convert", SAMPLES / "peft_lora", "--to", "peft", "-o", tmp_path / "p")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "k.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o777 & ~mask

@@ -201,3 +201,40 @@ def test_loralayer_shape_checks():
         LoraLayer(down=torch.zeros(4, 8), up=torch.zeros(6, 3))
     with pytest.raises(LoraToolsError, match="conv/linear"):
         LoraLayer(down=torch.zeros(4, 8, 3, 3), up=torch.zeros(6, 4))
+
+
+def test_peft_made_adapter_survives_kohya_and_diffusers_round_trip(cli, tmp_path):
+    """A real PEFT adapter (rsLoRA, rank/alpha patterns, embedding) → kohya → diffusers → PEFT gives the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tests.conftest import tiny_llama
+
+    tiny_llama(seed=3).save_pretrained(str(tmp_path / "base"))
+    model = tiny_llama(seed=3)
+    cfg = LoraConfig(r=6, lora_alpha=12, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                     rank_pattern={"v_proj": 3}, alpha_pattern={"down_proj": 5}, init_lora_weights=False)
+    pm = get_peft_model(model, cfg).eval()
+    pm.save_pretrained(str(tmp_path / "src"))
+    x = tokens()
+    with torch.no_grad():
+        ref = pm(x).logits
+    base = tmp_path / "base"
+    cli.ok("convert", tmp_path / "src", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    cli.ok("convert", tmp_path / "k.safetensors", "--to", "diffusers", "-o", tmp_path / "d.safetensors", "--base", base)
+    cli.ok("convert", tmp_path / "d.safetensors", "--to", "peft", "-o", tmp_path / "back", "--base", base)
+    from tests.conftest import tiny_llama as fresh
+
+    loaded = PeftModel.from_pretrained(fresh(seed=3), str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        got = loaded(x).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_bin_weights_are_read_safely(tmp_path, samples):
+    import shutil
+
+    shutil.copy(samples / "peft_lora" / "adapter_config.json", tmp_path)
+    torch.save(tensors_of(samples / "peft_lora" / "adapter_model.safetensors"), str(tmp_path / "adapter_model.bin"))
+    a, b = load_adapter(tmp_path), load_adapter(samples / "peft_lora")
+    assert set(a.layers) == set(b.layers)
+    assert all(torch.equal(a.layers[n].up, b.layers[n].up) for n in a.layers)

@@ -94,6 +94,7 @@ def atomic_path(out: Path, force: bool, is_dir: bool) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        _umask_perms(tmp, is_dir)
         if out.exists():
             if out.is_dir() and not out.is_symlink():
                 trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
@@ -110,6 +111,16 @@ def atomic_path(out: Path, force: bool, is_dir: bool) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask_perms(path: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give outputs the usual umask permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
+    if is_dir:
+        for child in path.rglob("*"):
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
