@@ -55,6 +55,26 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Svd:
     return q_l @ u_c, s, vh_c @ q_r.T
 
 
+def kron_svd(svd1: Svd, svd2: Svd, keep: int | None = None) -> Svd:
+    """Thin SVD of ``kron(A₁, A₂)`` from thin SVDs ``Aᵢ = Uᵢ Σᵢ Vhᵢ`` of the two small matrices.
+
+    ``kron(U₁Σ₁Vh₁, U₂Σ₂Vh₂) = kron(U₁, U₂) kron(Σ₁, Σ₂) kron(Vh₁, Vh₂)`` and Kronecker products of
+    orthonormal columns are orthonormal, so this *is* an SVD once the products σᵢσⱼ are sorted. Only the
+    top ``keep`` (default: all) triplets are built, column by column: ``U[:, t] = kron(U₁[:, i], U₂[:, j])``,
+    never the Kronecker product of the full matrices.
+    """
+    u1, s1, vh1 = svd1
+    u2, s2, vh2 = svd2
+    prod = torch.outer(s1, s2).reshape(-1)
+    order = torch.argsort(prod, descending=True, stable=True)
+    if keep is not None:
+        order = order[:keep]
+    i, j = order // s2.numel(), order % s2.numel()
+    u = (u1[:, i][:, None, :] * u2[:, j][None, :, :]).reshape(u1.shape[0] * u2.shape[0], -1)
+    vh = (vh1[i][:, :, None] * vh2[j][:, None, :]).reshape(-1, vh1.shape[1] * vh2.shape[1])
+    return u, prod[order], vh
+
+
 def randomized_svd(
     matrix: torch.Tensor,
     rank: int,
