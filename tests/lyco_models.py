@@ -38,7 +38,7 @@ def probe(mod: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     return y.T.reshape(shape)
 
 
-def lycoris_net(algo: str, seed: int = 0, dim: int = 4, alpha: float = 2, **kw):
+def lycoris_net(algo: str, seed: int = 0, dim: int = 4, alpha: float = 2, bias: bool = False, **kw):
     """(model, network, base weights) for ``create_lycoris(algo, ...)`` with every factor made non-zero."""
     from lycoris import LycorisNetwork, create_lycoris
 
@@ -53,11 +53,11 @@ def lycoris_net(algo: str, seed: int = 0, dim: int = 4, alpha: float = 2, **kw):
     with torch.no_grad():
         for lora in net.loras:
             for n, p in lora.named_parameters():
-                if n in ("weight", "bias"):
+                if n == "weight" or (n == "bias" and bias):
                     p.add_(torch.randn_like(p) * 0.1)  # algo=full holds the absolute weight
                 elif n == "dora_scale":
                     p.mul_(1 + 0.2 * torch.rand_like(p))
-                else:
+                elif n != "bias":
                     p.copy_(torch.randn_like(p) * 0.3)
     net.set_multiplier(1.0)
     return model, net, base

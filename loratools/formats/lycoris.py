@@ -254,13 +254,17 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 
 
 def fit_base(adapter: Adapter, base) -> None:
-    """After name resolution: every LyCORIS stem must have a module, and flattened convs get the kernel shape."""
-    if adapter.format != "lycoris":
-        return
+    """After name resolution: every LyCORIS stem must have a module, and flattened convs get the kernel shape.
+
+    LoHa / LoKr conv layers without a Tucker core store ``[r, in·kh·kw]`` factors, so only the base weight
+    tells the kernel shape (PEFT's LoHa/LoKr folders too).
+    """
     modules = base.modules()
     for name, layer in adapter.layers.items():
-        stem = layer.meta.get("kohya_stem")
-        if stem == name:
+        stem = layer.meta.get("kohya_stem") or name
+        if adapter.format != "lycoris" and not hasattr(layer, "set_shape"):
+            continue
+        if adapter.format == "lycoris" and stem == name and layer.meta.get("kohya_stem"):
             raise LoraToolsError(
                 f"{adapter.source}: {stem}: no module of the base checkpoint {base.path} matches this LyCORIS key "
                 f"(layer shape {tuple(layer.shape)})"
