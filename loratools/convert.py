@@ -94,17 +94,19 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
             total = float(s.double().square().sum())
         else:
             u, s, vh, total = truncated_svd(layer.diff.reshape(m, n), rule)
+        tail = max(total - float(s.double().square().sum()), 0.0)
     else:
-        s_all = spectrum(layer, dtype)
-        total = float(s_all.double().square().sum())
+        s_all = spectrum(layer, dtype).double()
+        energies = s_all.square()
+        total = float(energies.sum())
         keep = s_all.numel() if rule is None else rule.choose(s_all, total)
+        tail = float(energies[keep:].sum())  # the exact discarded energy, no cancellation
         u, s, vh = exact_svd(layer, dtype, keep=max(keep, 1))
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
     if s.numel() == 0 or float(s.max()) <= 0:
         raise LoraToolsError(f"layer {tuple(layer.shape)} has a zero delta; nothing to keep at rank 0")
-    kept = float(s.double().square().sum())
-    energy = min(kept / total, 1.0) if total > 0 else 1.0
-    err = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    energy = 1.0 - tail / total if total > 0 else 1.0
+    err = math.sqrt(tail / total) if total > 0 else 0.0
     out = lora_from_svd(u, s, vh, layer.shape, layer.dtype)
     return out, energy, err
 

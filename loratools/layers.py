@@ -28,7 +28,7 @@ import torch
 
 from loratools.adapter import Layer
 from loratools.errors import LoraToolsError
-from loratools.linalg import Svd, factored_svd, kron_svd, svd
+from loratools.linalg import Svd, factored_svd, factored_svdvals, kron_svd, svd
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -87,7 +87,7 @@ class _Structured(Layer):
         return factored_svd(*self.factors(dtype))
 
     def singular_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.svd(dtype)[1]
+        return factored_svdvals(*self.factors(dtype))
 
 
 @dataclass(eq=False)
@@ -264,8 +264,14 @@ class LokrLayer(_Structured):
             u = -u
         return u, s * abs(self.scale), vh
 
+    def _side_values(self, dense: torch.Tensor | None, fac: Factors | None, dtype: torch.dtype) -> torch.Tensor:
+        if fac is not None:
+            return factored_svdvals(*fac)
+        return torch.linalg.svdvals(dense.reshape(dense.shape[0], -1).to(dtype))
+
     def singular_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        (_, s1, _), (_, s2, _) = self.small_svds(dtype)
+        s1 = self._side_values(self.w1, self._w1_factors(dtype), dtype)
+        s2 = self._side_values(self.w2, self._w2_factors(dtype), dtype)
         return torch.outer(s1, s2).reshape(-1).sort(descending=True).values * abs(self.scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -289,4 +295,4 @@ def spectrum(layer: Layer, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     fn = getattr(layer, "singular_values", None)
     if fn is not None:
         return fn(dtype)
-    return factored_svd(*layer.factors(dtype))[1]
+    return factored_svdvals(*layer.factors(dtype))

@@ -55,6 +55,23 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Svd:
     return q_l @ u_c, s, vh_c @ q_r.T
 
 
+def factored_svdvals(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``left @ right.T`` only: triangular QR factors (no Q formed) + small ``svdvals``.
+
+    ``L = Q_L R_L``, ``R = Q_R R_R`` ⇒ ``L Rᵀ = Q_L (R_L R_Rᵀ) Q_Rᵀ`` has the singular values of the k×k
+    ``R_L R_Rᵀ``. Falls back to the dense product when k ≥ min(m, n).
+    """
+    m, k = left.shape
+    n = right.shape[0]
+    if right.shape[1] != k:
+        raise LoraToolsError(f"factor inner dimensions differ: left {tuple(left.shape)}, right {tuple(right.shape)}")
+    if k >= min(m, n):
+        return torch.linalg.svdvals((left @ right.T).to(compute_dtype(left.dtype)))
+    r_l = torch.linalg.qr(left, mode="r")[1]
+    r_r = torch.linalg.qr(right, mode="r")[1]
+    return torch.linalg.svdvals(r_l @ r_r.T)
+
+
 def kron_svd(svd1: Svd, svd2: Svd, keep: int | None = None) -> Svd:
     """Thin SVD of ``kron(A₁, A₂)`` from thin SVDs ``Aᵢ = Uᵢ Σᵢ Vhᵢ`` of the two small matrices.
 
