@@ -68,7 +68,8 @@ def make_layer(kind: str, m: int, n: int, seed: int = 0):
     raise ValueError(kind)
 
 
-def run_one(kind: str, m: int, n: int, route: str, task: str, out: Path) -> dict:
+def run_one(kind: str, m: int, n: int, route: str, task: str, out: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
     layer = make_layer(kind, m, n)
     t0 = time.perf_counter()
     if route == "ours":
@@ -99,10 +100,10 @@ def run_one(kind: str, m: int, n: int, route: str, task: str, out: Path) -> dict
     return rec
 
 
-def child(kind: str, m: int, n: int, route: str, task: str) -> dict:
+def child(kind: str, m: int, n: int, route: str, task: str, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "s.pt"
-        cmd = [sys.executable, __file__, "--child", kind, str(m), str(n), route, task, str(f)]
+        cmd = [sys.executable, __file__, "--child", kind, str(m), str(n), route, task, str(f), str(threads)]
         rec = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         if f.exists():
             rec["s"] = torch.load(f)
@@ -112,22 +113,24 @@ def child(kind: str, m: int, n: int, route: str, task: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="1024×1024 and 2752×1024 (quick smoke run)")
-    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per route (default 1: stable timings)")
+    ap.add_argument("--kinds", default="loha32,lokr8,lokr_full", help="comma-separated layer kinds")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, m, n, route, task, out = args.child
-        print(json.dumps(run_one(kind, int(m), int(n), route, task, Path(out))))
+        kind, m, n, route, task, out, threads = args.child
+        print(json.dumps(run_one(kind, int(m), int(n), route, task, Path(out), int(threads))))
         return
     shapes = [(1024, 1024), (2752, 1024)] if args.small else [(4096, 4096), (11008, 4096)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    print(f"torch {torch.__version__}, {args.threads} thread(s) per route, float32, CPU")
     header = f"{'layer':<10} {'shape':<11} {'task':<8} {'rank':>5} {'ours s':>9} {'dense s':>9} {'ratio':>8} " \
              f"{'max|Δσ|/σ₁':>11} {'err ours':>9} {'err dense':>9} {'RSS ours':>9} {'RSS dense':>9}"
     print(header)
-    for kind in ("loha32", "lokr8", "lokr_full"):
+    for kind in args.kinds.split(","):
         for m, n in shapes:
             for task in ("inspect", "convert"):
-                ours = child(kind, m, n, "ours", task)
-                dense = child(kind, m, n, "dense", task)
+                ours = child(kind, m, n, "ours", task, args.threads)
+                dense = child(kind, m, n, "dense", task, args.threads)
                 ratio = dense["time_s"] / ours["time_s"]
                 if task == "inspect":
                     a, b = ours["s"].double(), dense["s"].double()

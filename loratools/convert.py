@@ -75,6 +75,12 @@ def check_convertible(adapter: Adapter, to_format: str, fold_dora: bool, base: C
             )
         if layer.magnitude is None or fold_dora:
             continue
+        if to_format == "peft" and base is None and not all(la.magnitude is not None for la in adapter.layers.values()):
+            plain = sum(la.magnitude is None for la in adapter.layers.values())
+            raise LoraToolsError(
+                f"PEFT's use_dora is adapter-wide but {plain} layer(s) have no DoRA magnitude (e.g. {name} has one): "
+                "pass --base to give the plain layers the exact identity magnitude ‖W+ΔW‖, or --fold-dora"
+            )
         if to_format == "diffusers":
             raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in diffusers format (use --to peft, or --fold-dora)")
         if to_format == "peft" and layer.magnitude_axis != "out":
@@ -138,14 +144,24 @@ def _move_magnitude(new: LoraLayer, old: Layer, w: torch.Tensor | None, to_forma
     new.meta["dora"] = old.meta.get("dora", dora.PEFT)
     if "dora_dtype" in old.meta:
         new.meta["dora_dtype"] = old.meta["dora_dtype"]
-    mag = dora.moved_magnitude(new, w, target, out_dtype).reshape(-1)
+    eps_dtype = w.dtype if w is not None else out_dtype  # LyCORIS computes the norm in the model's dtype
+    mag = dora.moved_magnitude(new, w, target, out_dtype, eps_dtype).reshape(-1)
     exact = w is not None or dora.layer_eps(new) == (dora.lycoris_eps(out_dtype) if target == dora.LYCORIS else 0.0)
     if target == dora.PEFT and new.is_conv:
         mag = mag.reshape(1, -1, *([1] * (len(new.shape) - 2)))  # PEFT conv DoRA: [1, out, 1, 1]
     new.magnitude = mag
     new.meta["dora"] = target
-    new.meta["dora_dtype"] = out_dtype
+    new.meta["dora_dtype"] = eps_dtype
     return exact
+
+
+def _identity_magnitude(new: LoraLayer, w: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """PEFT DoRA magnitude ``m = ‖W + ΔW‖`` per output row: ``m·V/‖V‖ = V``, i.e. plain LoRA, exactly."""
+    v = w.double().reshape(new.shape) + new.delta(torch.float64).reshape(new.shape)
+    mag = dora.norms(v, "out").to(dtype or torch.float32)
+    new.magnitude = mag.reshape(1, -1, *([1] * (len(new.shape) - 2))) if new.is_conv else mag
+    new.magnitude_axis = "out"
+    new.meta["dora"] = dora.PEFT
 
 
 def convert_adapter(
@@ -163,6 +179,8 @@ def convert_adapter(
     layers: dict[str, Layer] = {}
     rows: list[dict] = []
     inexact: list[str] = []
+    mags = [la.magnitude is not None for la in adapter.layers.values()]
+    identity_dora = to_format == "peft" and not fold_dora and any(mags) and not all(mags)
     for name, layer in (progress(items, len(items)) if progress else items):
         src_type = layer_type(layer)
         w = _base_weight(base, name) if layer.magnitude is not None else None
@@ -181,17 +199,19 @@ def convert_adapter(
                     raise LoraToolsError(f"{name}: rank rules on embedding LoRA layers are not supported")
                 new, energy, err = _to_lora(layer, rule)
                 action = "exact" if rule is None else "truncated"
-            row = LayerConversion(name, src_type, list(layer.shape), layer.rank, new.rank, energy, err, None, action)
+            optimum = None if isinstance(layer, FullLayer) and rule is not None else err  # exact spectrum: optimal
+            row = LayerConversion(name, src_type, list(layer.shape), layer.rank, new.rank, energy, err, optimum, action)
             if layer.magnitude is not None:
                 target_conv = dora.LYCORIS if to_format == "kohya" else dora.PEFT
                 if dora.convention(layer) != target_conv or action != "copied":
                     if not _move_magnitude(new, layer, w, to_format, dtype):
                         inexact.append(name)
+        if identity_dora and new.magnitude is None:
+            _identity_magnitude(new, _base_weight(base, name), dtype)
+            row.action += "+identity magnitude"
         for key in ("kohya_stem", "component", "alpha_dtype"):
             if key in layer.meta and key not in new.meta:
                 new.meta[key] = layer.meta[key]
-        if new.meta.get("alpha_dtype") is not None and not isinstance(layer, LoraLayer):
-            new.meta.pop("alpha_dtype")
         layers[name] = new
         rows.append(asdict(row))
     out = Adapter(layers=layers, format=adapter.format, metadata=_metadata(adapter, layers),

@@ -28,7 +28,12 @@ def convention(layer: Layer) -> str:
 
 
 def lycoris_eps(dtype: torch.dtype | None) -> float:
-    """LyCORIS adds ``finfo(dora_scale.dtype).eps`` to the norm (float32 when the dtype is not floating)."""
+    """LyCORIS adds ``finfo(dora_scale.dtype).eps`` to the norm (float32 when the dtype is not floating).
+
+    LyCORIS's loader copies a file's ``dora_scale`` into a parameter created from the model's weight, so the
+    runtime dtype is the base weight's: readers record it in ``meta["dora_dtype"]`` when ``--base`` is given,
+    and the stored dtype otherwise.
+    """
     if dtype is None or not dtype.is_floating_point:
         dtype = torch.float32
     return float(torch.finfo(dtype).eps)
@@ -70,15 +75,17 @@ def effective_delta(layer: Layer, w: torch.Tensor, dtype: torch.dtype = torch.fl
     return dora_weight(w, delta, layer.magnitude.to(dtype), layer.magnitude_axis, layer_eps(layer)) - w
 
 
-def moved_magnitude(layer: Layer, w: torch.Tensor | None, target: str, out_dtype: torch.dtype) -> torch.Tensor:
+def moved_magnitude(layer: Layer, w: torch.Tensor | None, target: str, out_dtype: torch.dtype,
+                    eps_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The magnitude that gives the same ``W'`` under ``target``'s formula (output axis only).
 
     ``m_target = m_source · (‖V‖ + eps_target) / (‖V‖ + eps_source)``; without ``w`` the magnitude is
     returned unchanged (the caller warns: the outputs then differ by about eps/‖V‖ relative).
+    ``eps_dtype`` is the dtype LyCORIS will compute the norm in (default ``out_dtype``).
     """
     mag = layer.magnitude
     src_eps = layer_eps(layer)
-    dst_eps = lycoris_eps(out_dtype) if target == LYCORIS else 0.0
+    dst_eps = lycoris_eps(eps_dtype or out_dtype) if target == LYCORIS else 0.0
     if w is None or src_eps == dst_eps:
         return mag.to(out_dtype)
     dtype = torch.float64

@@ -28,7 +28,7 @@ import torch
 
 from loratools.adapter import Layer
 from loratools.errors import LoraToolsError
-from loratools.linalg import Svd, factored_svd, factored_svdvals, kron_svd, svd
+from loratools.linalg import Svd, factored_svd, factored_svdvals, gram_svd, kron_svd, svd
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -82,9 +82,10 @@ class _Structured(Layer):
             raise LoraToolsError(f"layer shape {self.out_shape} does not fit base weight shape {shape}")
         self.out_shape = shape
 
-    def svd(self, dtype: torch.dtype = torch.float32) -> Svd:
-        """Exact thin SVD of ΔW_2d from the factors (QR + small SVD)."""
-        return factored_svd(*self.factors(dtype))
+    def svd(self, dtype: torch.dtype = torch.float32, keep: int | None = None) -> Svd:
+        """Exact thin SVD of ΔW_2d from the factors (QR + small SVD); the top ``keep`` triplets."""
+        u, s, vh = factored_svd(*self.factors(dtype))
+        return (u, s, vh) if keep is None else (u[:, :keep], s[:keep], vh[:keep])
 
     def singular_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return factored_svdvals(*self.factors(dtype))
@@ -181,6 +182,14 @@ class LohaLayer(_Structured):
     def factors(self, dtype: torch.dtype = torch.float32) -> Factors:
         (l1, r1), (l2, r2) = self._branches(dtype)
         return khatri_rao_rows(l1, l2) * self.scale, khatri_rao_rows(r1, r2)
+
+    def svd(self, dtype: torch.dtype = torch.float32, keep: int | None = None) -> Svd:
+        """Exact SVD of the r₁r₂-column Khatri–Rao factors through float64 Grams (:func:`linalg.gram_svd`)."""
+        u, s, vh = gram_svd(*self.factors(dtype))
+        return (u, s, vh) if keep is None else (u[:, :keep], s[:keep], vh[:keep])
+
+    def singular_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return gram_svd(*self.factors(dtype), compute_uv=False)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a, "hada_w2_b": self.w2b}
@@ -282,7 +291,7 @@ class LokrLayer(_Structured):
 
 def exact_svd(layer: Layer, dtype: torch.dtype = torch.float32, keep: int | None = None) -> Svd:
     """Exact thin SVD of any layer's ΔW_2d without the dense delta (LoKr: only ``keep`` triplets built)."""
-    if isinstance(layer, LokrLayer):
+    if isinstance(layer, _Structured):
         return layer.svd(dtype, keep=keep)
     u, s, vh = factored_svd(*layer.factors(dtype))
     if keep is not None:

@@ -18,6 +18,7 @@ from loratools.stats import layer_spectrum
 CASES = {
     "loha": ("loha", {}),
     "loha_tucker": ("loha", {"use_tucker": True}),
+    "loha_dim2": ("loha", {"dim": 2, "alpha": 3}),  # r² = 4 < min(m, n): the Gram (Cholesky–QR) path
     "loha_scalar": ("loha", {"use_scalar": True}),
     "lokr": ("lokr", {"dim": 2, "alpha": 1}),
     "lokr_factor2": ("lokr", {"dim": 2, "alpha": 1, "factor": 2}),
@@ -93,6 +94,24 @@ def test_kron_svd_matches_dense():
     assert torch.allclose(s, torch.linalg.svdvals(dense)[: s.numel()], atol=1e-12)
     u2, s2, vh2 = kron_svd(svd(a), svd(b), keep=4)
     assert u2.shape == (20, 4) and torch.allclose(s2, s[:4])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gram_svd_loha_exact(symmetric):
+    """LoHa factored SVD vs float64 dense SVD, incl. a rank-deficient Khatri–Rao product (eigh fallback)."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(60, 3, generator=g), torch.randn(3, 50, generator=g)
+    c, d = (a, b) if symmetric else (torch.randn(60, 3, generator=g), torch.randn(3, 50, generator=g))
+    layer = LohaLayer(w1a=a, w1b=b, w2a=c, w2b=d, out_shape=(60, 50), scale=0.7)
+    dense = (0.7 * (a @ b) * (c @ d)).double()
+    ref = torch.linalg.svdvals(dense)
+    u, s, vh = layer.svd()
+    assert torch.allclose(s.double(), ref[: s.numel()], atol=2e-6 * float(ref[0]))
+    keep = int((ref > 1e-6 * ref[0]).sum())
+    assert keep == (6 if symmetric else 9)
+    approx = (u[:, :keep] * s[:keep]) @ vh[:keep]
+    assert float((approx.double() - dense).norm() / dense.norm()) < 2e-6
+    assert torch.allclose(layer.singular_values().double()[:keep], ref[:keep], atol=2e-6 * float(ref[0]))
 
 
 def test_inspect_json_types(built, cli):

@@ -272,6 +272,8 @@ def fit_base(adapter: Adapter, base) -> None:
         key = modules.get(name)
         if key is None:
             continue
+        if layer.magnitude is not None and layer.meta.get("dora") == "lycoris":
+            layer.meta["dora_dtype"] = base.dtype(key)  # LyCORIS's loader gives dora_scale the model's dtype
         wshape = tuple(int(s) for s in base.shape(key))
         if wshape == tuple(layer.shape):
             continue
