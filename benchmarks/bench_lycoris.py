@@ -3,8 +3,9 @@
 For each layer (LoHa dim 32; LoKr factor 8 dim 32, i.e. W₁ 8×8 full and W₂ a rank-32 product; LoKr with
 both factors full, the LyCORIS default for dim ≥ half the factor size) on 4096×4096 and 11008×4096:
 
-* ``inspect``: our exact spectrum (``loratools.stats.layer_spectrum``: Khatri–Rao factors + factored SVD for LoHa,
-  products σᵢ(W₁)σⱼ(W₂) for LoKr) vs the dense route (build ΔW, ``torch.linalg.svdvals``);
+* ``inspect``: our exact spectrum (``loratools.stats.layer_spectrum``: float64 Grams of the Khatri–Rao factors +
+  Cholesky–QR for LoHa, products σᵢ(W₁)σⱼ(W₂) for LoKr) vs the dense route (build ΔW, full thin
+  ``torch.linalg.svd``) and, for reference, the cheapest dense spectrum (``torch.linalg.svdvals``);
 * ``convert``: our exact conversion to plain LoRA (``loratools.convert._to_lora``, structural rank) vs the
   dense route (build ΔW, full thin ``torch.linalg.svd``, keep the structural rank, split √Σ);
 
@@ -78,10 +79,12 @@ def run_one(kind: str, m: int, n: int, route: str, task: str, out: Path, threads
         else:
             lora, _, _ = _to_lora(layer, None)
             s = None
+    elif route == "dense_vals":  # the cheapest dense spectrum: singular values only
+        s = torch.linalg.svdvals(layer.delta().reshape(m, n))
     else:
         delta = layer.delta().reshape(m, n)
         if task == "inspect":
-            s = torch.linalg.svdvals(delta)
+            s = torch.linalg.svd(delta, full_matrices=False)[1]
         else:
             u, s_full, vh = torch.linalg.svd(delta, full_matrices=False)
             k = layer.rank
@@ -124,7 +127,7 @@ def main() -> None:
     shapes = [(1024, 1024), (2752, 1024)] if args.small else [(4096, 4096), (11008, 4096)]
     print(f"torch {torch.__version__}, {args.threads} thread(s) per route, float32, CPU")
     header = f"{'layer':<10} {'shape':<11} {'task':<8} {'rank':>5} {'ours s':>9} {'dense s':>9} {'ratio':>8} " \
-             f"{'max|Δσ|/σ₁':>11} {'err ours':>9} {'err dense':>9} {'RSS ours':>9} {'RSS dense':>9}"
+             f"{'max|Δσ|/σ₁':>11} {'err ours':>9} {'err dense':>9} {'RSS ours':>9} {'RSS dense':>9}  svdvals only"
     print(header)
     for kind in args.kinds.split(","):
         for m, n in shapes:
@@ -132,6 +135,10 @@ def main() -> None:
                 ours = child(kind, m, n, "ours", task, args.threads)
                 dense = child(kind, m, n, "dense", task, args.threads)
                 ratio = dense["time_s"] / ours["time_s"]
+                vals = ""
+                if task == "inspect":
+                    dv = child(kind, m, n, "dense_vals", task, args.threads)
+                    vals = f"{dv['time_s']:.2f}s ({dv['time_s'] / ours['time_s']:.0f}x)"
                 if task == "inspect":
                     a, b = ours["s"].double(), dense["s"].double()
                     k = min(a.numel(), b.numel())
@@ -142,7 +149,7 @@ def main() -> None:
                     e1, e2 = f"{ours['rel_error']:.1e}", f"{dense['rel_error']:.1e}"
                 print(f"{kind:<10} {m}x{n:<6} {task:<8} {rank:>5} {ours['time_s']:>9.3f} {dense['time_s']:>9.2f} "
                       f"{ratio:>7.0f}x {diff:>11.1e} {e1:>9} {e2:>9} {ours['peak_rss_mb']:>7.0f}MB "
-                      f"{dense['peak_rss_mb']:>7.0f}MB", flush=True)
+                      f"{dense['peak_rss_mb']:>7.0f}MB  {vals}", flush=True)
 
 
 if __name__ == "__main__":

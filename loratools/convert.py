@@ -29,7 +29,7 @@ from loratools import dora
 from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.layers import exact_svd, spectrum
+from loratools.layers import LokrLayer, exact_svd, spectrum
 from loratools.linalg import RankRule, compute_dtype, lora_from_svd, svd, truncated_svd
 from loratools.stats import layer_type
 
@@ -102,13 +102,18 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
             u, s, vh, total = truncated_svd(layer.diff.reshape(m, n), rule)
         tail = max(total - float(s.double().square().sum()), 0.0)
     else:
-        s_all = spectrum(layer, dtype).double()
-        energies = s_all.square()
+        if isinstance(layer, LokrLayer):  # spectrum first (products), then only the kept Kronecker vectors
+            s_all = spectrum(layer, dtype)
+            u = vh = None
+        else:  # one exact SVD from the factors
+            u, s_all, vh = exact_svd(layer, dtype)
+        energies = s_all.double().square()
         total = float(energies.sum())
         keep = s_all.numel() if rule is None else rule.choose(s_all, total)
         tail = float(energies[keep:].sum())  # the exact discarded energy, no cancellation
-        u, s, vh = exact_svd(layer, dtype, keep=max(keep, 1))
-        u, s, vh = u[:, :keep], s[:keep], vh[:keep]
+        if u is None:
+            u, s, vh = exact_svd(layer, dtype, keep=max(keep, 1))
+        u, s, vh = u[:, :keep], s_all[:keep], vh[:keep]
     if s.numel() == 0 or float(s.max()) <= 0:
         raise LoraToolsError(f"layer {tuple(layer.shape)} has a zero delta; nothing to keep at rank 0")
     energy = 1.0 - tail / total if total > 0 else 1.0

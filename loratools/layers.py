@@ -28,7 +28,16 @@ import torch
 
 from loratools.adapter import Layer
 from loratools.errors import LoraToolsError
-from loratools.linalg import Svd, factored_svd, factored_svdvals, gram_svd, kron_svd, svd
+from loratools.linalg import (
+    Svd,
+    compute_dtype,
+    factored_svd,
+    factored_svdvals,
+    gram_svd,
+    khatri_rao_gram,
+    kron_svd,
+    svd,
+)
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -183,13 +192,24 @@ class LohaLayer(_Structured):
         (l1, r1), (l2, r2) = self._branches(dtype)
         return khatri_rao_rows(l1, l2) * self.scale, khatri_rao_rows(r1, r2)
 
+    def _grams(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float64 Grams of the two Khatri–Rao factors (None when r₁r₂ ≥ min(m, n): dense is cheaper)."""
+        (l1, r1), (l2, r2) = self._branches(dtype)
+        m, n = self.matrix_shape
+        if l1.shape[1] * l2.shape[1] >= min(m, n):
+            return None
+        return khatri_rao_gram(l1, l2) * self.scale**2, khatri_rao_gram(r1, r2)
+
     def svd(self, dtype: torch.dtype = torch.float32, keep: int | None = None) -> Svd:
         """Exact SVD of the r₁r₂-column Khatri–Rao factors through float64 Grams (:func:`linalg.gram_svd`)."""
-        u, s, vh = gram_svd(*self.factors(dtype))
+        u, s, vh = gram_svd(*self.factors(dtype), grams=self._grams(dtype))
         return (u, s, vh) if keep is None else (u[:, :keep], s[:keep], vh[:keep])
 
     def singular_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return gram_svd(*self.factors(dtype), compute_uv=False)
+        grams = self._grams(dtype)
+        if grams is None:
+            return gram_svd(*self.factors(dtype), compute_uv=False)
+        return gram_svd(None, None, compute_uv=False, grams=grams).to(compute_dtype(dtype))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a, "hada_w2_b": self.w2b}

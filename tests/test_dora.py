@@ -144,3 +144,23 @@ def test_fold_dora_needs_base(tmp_path, cli):
     out = tmp_path / "o"
     cli.fails("convert", f, "--to", "peft", "-o", out, "--fold-dora", match="--fold-dora needs --base")
     assert not out.exists()
+
+
+def test_mixed_dora_and_plain_layers_to_peft(tmp_path, cli):
+    """PEFT's use_dora is adapter-wide: plain layers get the identity magnitude ‖W+ΔW‖ (needs --base)."""
+    m1, n1, base = lycoris_net("lora", dora_wd=True)
+    m2, n2, base2 = lycoris_net("loha")
+    assert all(torch.equal(base[k], base2[k]) for k in base)
+    eff = {**effective(m2, base), "lin": effective(m1, base)["lin"]}
+    sd = {k: v.detach().contiguous() for k, v in n2.state_dict().items() if not k.startswith("lycoris_lin.")}
+    sd.update({k: v.detach().contiguous() for k, v in n1.state_dict().items() if k.startswith("lycoris_lin.")})
+    f = tmp_path / "mixed.safetensors"
+    save_file(sd, str(f))
+    _, b = save_lycoris(n1, base, tmp_path)
+    cli.fails("convert", f, "--to", "peft", "-o", tmp_path / "x", match="use_dora is adapter-wide")
+    out = tmp_path / "peft"
+    doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out, "--base", b, "--json").output)
+    assert {r["name"]: r["action"] for r in doc["per_layer"]}["conv"] == "exact+identity magnitude"
+    got = peft_deltas(out, base)
+    for n in SHAPES:
+        assert rel(got[n], eff[n]) < 5e-6, n

@@ -217,7 +217,7 @@ def test_tucker_core_wrong_order(tmp_path, cli):
     f = _write(tmp_path, sd)
     cli.fails("inspect", f, "--base", b, match="Tucker core hada_t1 (4, 4) has order 2")
     model, net, base = lycoris_net("lora", use_tucker=True)
-    f, b = save_lycoris(net, base, tmp_path / ".." / tmp_path.name)
+    f, b = save_lycoris(net, base, tmp_path)
     sd = load_file(str(f))
     sd["lycoris_conv.lora_mid.weight"] = torch.randn(4, 4)
     cli.fails("inspect", _write(tmp_path, sd, "mid.safetensors"), match="lora_mid.weight (4, 4)")
