@@ -32,11 +32,13 @@ from loratools.formats.common import (
 
 LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", "diff", "dora_scale", "diff_b", "scalar")
+#: the prefix LyCORIS's own ``LycorisNetwork`` gives its module names (no pipeline component)
+LYCORIS_PREFIX = "lycoris_"
 
 
 def split_prefix(stem: str) -> tuple[str | None, str]:
     """``lora_te2_text_model_x`` → (``lora_te2_``, ``text_model_x``); longest known prefix wins."""
-    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
+    for prefix in sorted([*KOHYA_PREFIXES, LYCORIS_PREFIX], key=len, reverse=True):
         if stem.startswith(prefix):
             return prefix, stem[len(prefix):]
     return None, stem
@@ -48,14 +50,14 @@ def is_kohya_key(key: str) -> bool:
 
 
 def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
+    if any(key.partition(".")[2].startswith(LYCORIS_MARKERS) for key in tensors):
+        from loratools.formats import lycoris  # LoHa / LoKr / Tucker / full / DoRA: the LyCORIS reader
+
+        return lycoris.read_tensors_map(tensors, metadata, source)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         stem, _, suffix = key.partition(".")
         if suffix not in LORA_SUFFIXES:
-            if suffix.startswith(LYCORIS_MARKERS):
-                raise LoraToolsError(
-                    f"{source}: key {key!r} is a LyCORIS tensor ({suffix}); LoHa/LoKr/Tucker/DoRA files are not supported yet"
-                )
             raise LoraToolsError(f"{source}: unknown key layout {key!r} (expected <stem>.lora_down.weight / .lora_up.weight / .alpha)")
         groups.setdefault(stem, {})[LORA_SUFFIXES[suffix]] = t
     adapter = Adapter(layers={}, format="kohya", metadata=dict(metadata), source=source, resolved=False)
@@ -132,9 +134,12 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
     for name, layer in adapter.layers.items():
         if not isinstance(layer, LoraLayer):
             raise LoraToolsError(f"{name}: {layer.kind} layers have no kohya LoRA form; convert them to LoRA first")
-        if layer.magnitude is not None:
-            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written to kohya format (use --to peft)")
         stem = stem_for(name, layer, adapter.resolved, prefix)
+        if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
+            mag = layer.magnitude.reshape(-1)
+            shape = ((layer.shape[0], *([1] * (len(layer.shape) - 1))) if layer.magnitude_axis == "out"
+                     else (1, mag.numel(), *([1] * (len(layer.shape) - 2))))
+            tensors[stem + ".dora_scale"] = mag.reshape(shape) if dtype is None else mag.reshape(shape).to(dtype)
         if stem + ".lora_down.weight" in tensors:
             raise LoraToolsError(f"two layers map to the same kohya name {stem}")
         tensors[stem + ".lora_down.weight"] = layer.down if dtype is None else layer.down.to(dtype)

@@ -71,8 +71,8 @@ def read(path: Path) -> Adapter:
     if not isinstance(config, dict):
         raise LoraToolsError(f"{cfg_path}: expected a JSON object")
     ptype = str(config.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise LoraToolsError(f"{cfg_path}: peft_type {ptype} is not supported (expected LORA)")
+    if ptype not in ("LORA", "LOHA", "LOKR"):
+        raise LoraToolsError(f"{cfg_path}: peft_type {ptype} is not supported (expected LORA, LOHA or LOKR)")
     if config.get("fan_in_fan_out"):
         raise LoraToolsError(f"{cfg_path}: fan_in_fan_out=true (GPT-2 Conv1D) adapters are not supported")
     wfile = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
@@ -81,6 +81,8 @@ def read(path: Path) -> Adapter:
     tensors, metadata = read_tensors(wfile)
     metadata.pop("format", None)
     generated = metadata.pop(GENERATED_KEY, None) == "1"
+    if ptype != "LORA":
+        return _read_lycoris_type(tensors, metadata, config, wfile, path)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -143,6 +145,27 @@ def read(path: Path) -> Adapter:
             f"modules_to_save {config['modules_to_save']}: {len(extra)} full tensor(s) carried along unchanged"
         )
     return adapter
+
+
+def _read_lycoris_type(tensors: dict[str, torch.Tensor], metadata: dict[str, str], config: dict,
+                       wfile: Path, path: Path) -> Adapter:
+    """PEFT's own LoHa / LoKr: ``base_model.model.<module>.hada_w1_a`` etc. (see formats/lycoris.py)."""
+    from loratools.formats import lycoris
+
+    keys = lycoris.LOHA_KEYS + lycoris.LOKR_KEYS
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        mod, _, param = key.rpartition(".")
+        if param not in keys:
+            extra[key] = t
+            continue
+        mod = mod[len(PREFIX):] if mod.startswith(PREFIX) else mod
+        parts.setdefault(mod, {})[param] = t
+    if not parts:
+        raise LoraToolsError(f"{wfile}: no {config.get('peft_type')} tensors found (expected *.hada_w1_a / *.lokr_w1 keys)")
+    layers = lycoris.peft_lycoris_layers(parts, config, wfile, pattern_key)
+    return Adapter(layers=layers, format="peft", metadata=metadata, config=config, extra_tensors=extra, source=str(path))
 
 
 def _describes(config: dict, adapter: Adapter, rslora: bool) -> bool:
