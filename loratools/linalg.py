@@ -94,6 +94,11 @@ def randomized_svd(
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
+def frobenius_sq(matrix: torch.Tensor) -> float:
+    """‖A‖_F² accumulated in float64 without materialising a float64 copy of ``A``."""
+    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
+
+
 RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
 
 
@@ -190,7 +195,7 @@ def truncated_svd(
     """
     a = matrix.to(compute_dtype(matrix.dtype))
     m, n = a.shape
-    total = float(a.double().square().sum()) if a.dtype != torch.float64 else float(a.square().sum())
+    total = frobenius_sq(a)
     cap = min(m, n, rule.max_rank or min(m, n))
     if exact or min(m, n) <= exact_below:
         u, s, vh = svd(a)
