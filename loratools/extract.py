@@ -291,6 +291,7 @@ def extract(
     by_key: dict[str, LoraLayer] = {}
     for pair in (progress(pairs, len(pairs)) if progress else pairs):
         key = pair.key
+        t_layer = time.perf_counter()
         w_base, w_tuned = bstream.read(key), tstream.read(key)
         _check_finite(w_base, bck, key)
         _check_finite(w_tuned, tck, key)
@@ -331,6 +332,7 @@ def extract(
         if layer is None:
             skipped.append({"name": key, "reason": row["reason"]})
             continue
+        row["time_s"] = time.perf_counter() - t_layer
         seen[fp] = key
         by_key[key] = layer
         layers[pair.module] = layer
