@@ -113,11 +113,11 @@ def run_loratools(base: str, tuned: str, out: str, rank: int, device: str) -> No
     from loratools.formats import save_adapter
     from loratools.linalg import RankRule
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = extract(base, tuned, ExtractOptions(rule=RankRule("rank", rank), device=device))
     save_adapter(res.adapter, Path(out), "peft", force=True)
-    wall = time.perf_counter() - t0
-    print(json.dumps({"wall_s": wall, "extract_s": res.summary["wall_time_s"], "rss": peak_rss_bytes(),
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "extract_s": res.summary["wall_time_s"], "rss": peak_rss_bytes(),
                       "size": output_size(Path(out)), "layers": res.layers}))
 
 
@@ -136,15 +136,15 @@ def run_dense(base: str, tuned: str, rank: int, device: str, per_shape: int) -> 
         if len(shape) != 2 or count.get(shape, 0) >= per_shape:
             continue
         count[shape] = count.get(shape, 0) + 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         diff = ts.read(key).to(dev, torch.float32) - bs.read(key).to(dev, torch.float32)
         u, s, vh = torch.linalg.svd(diff, full_matrices=False)  # the baseline: thin dense SVD
         up, down = (u[:, :rank] * s[:rank]).cpu(), vh[:rank].cpu()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         e = s.double().square()
-        rows.append({"key": key, "shape": list(shape), "time_s": elapsed,
+        rows.append({"key": key, "shape": list(shape), "time_s": elapsed, "cpu_s": cpu,
                      "optimal_error": math.sqrt(float(e[rank:].sum() / e.sum())), "factors": up.numel() + down.numel()})
     print(json.dumps({"rows": rows, "rss": peak_rss_bytes()}))
 
@@ -189,19 +189,23 @@ def main() -> None:
 
     by_key = {r["key"]: r for r in lt["layers"]}
     dense_by_shape: dict[tuple, list[float]] = {}
+    dense_cpu_by_shape: dict[tuple, list[float]] = {}
     err_ratios, lt_times, dn_times = [], [], []
     print(f"\n{'layer':34} {'shape':>11} {'dense s':>8} {'loratools s':>12} {'speed-up':>9} {'err/opt':>9}")
     for d in dense["rows"]:
         r = by_key[d["key"]]
         dense_by_shape.setdefault(tuple(d["shape"]), []).append(d["time_s"])
+        dense_cpu_by_shape.setdefault(tuple(d["shape"]), []).append(d["cpu_s"])
         ratio = r["relative_error"] / d["optimal_error"]
         err_ratios.append(ratio)
         lt_times.append(r["time_s"])
         dn_times.append(d["time_s"])
         print(f"{d['key'][:34]:34} {'×'.join(map(str, d['shape'])):>11} {d['time_s']:8.2f} {r['time_s']:12.3f} "
               f"{d['time_s'] / r['time_s']:8.1f}× {ratio:9.5f}")
-    dense_total = sum(sum(dense_by_shape[tuple(r["shape"])]) / len(dense_by_shape[tuple(r["shape"])])
-                      for r in lt["layers"])
+    def extrapolate(by_shape: dict[tuple, list[float]]) -> float:
+        return sum(sum(by_shape[tuple(r["shape"])]) / len(by_shape[tuple(r["shape"])]) for r in lt["layers"])
+
+    dense_total, dense_cpu = extrapolate(dense_by_shape), extrapolate(dense_cpu_by_shape)
     measured = len(dense["rows"]) == len(lt["layers"])
     summary = {
         "pair_gb": pair_bytes / 1e9, "layers": len(lt["layers"]), "rank": rank, "device": args.device,
@@ -209,6 +213,7 @@ def main() -> None:
         "dense_total_s": dense_total, "dense_total": "measured" if measured else
         f"extrapolated from {len(dense['rows'])} layer(s) ({args.dense_layers} per shape)",
         "speedup_end_to_end": dense_total / lt["wall_s"],
+        "loratools_cpu_s": lt["cpu_s"], "dense_cpu_s": dense_cpu, "speedup_cpu_time": dense_cpu / lt["cpu_s"],
         "speedup_per_layer_min": min(d / t for d, t in zip(dn_times, lt_times, strict=True)),
         "error_ratio_max": max(err_ratios), "error_ratio_mean": sum(err_ratios) / len(err_ratios),
         "loratools_peak_rss_gb": lt["rss"] / 1e9, "dense_peak_rss_gb": dense["rss"] / 1e9,

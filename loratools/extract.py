@@ -77,6 +77,10 @@ class TensorStream:
                 self._headers[f] = (8 + n, json.loads(fh.read(n)))
         return self._headers[f]
 
+    def owns(self, key: str) -> bool:
+        """Whether :meth:`read` returns a fresh buffer the caller may modify in place."""
+        return self.ckpt.file_of(key).suffix == ".safetensors"
+
     def read(self, key: str) -> torch.Tensor:
         f = self.ckpt.file_of(key)
         if f.suffix != ".safetensors":
@@ -241,6 +245,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _read_diff(
+    bstream: TensorStream, tstream: TensorStream, key: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``(W_base, ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` holding two layer-sized buffers, not three.
+
+    ΔW is computed in place in TUNED's freshly read buffer when it is already float32 on the device.
+    Finiteness is checked through the two norms (NaN/Inf in either input makes one of them
+    non-finite), and only then located tensor by tensor for the error message.
+    """
+    w_base = bstream.read(key)
+    wb = w_base.to(device=device, dtype=torch.float32)
+    raw = tstream.read(key)
+    wt = raw.to(device=device, dtype=torch.float32)
+    diff = wt.sub_(wb) if (wt is not raw or tstream.owns(key)) else wt - wb
+    total, base_sq = frobenius_sq(diff), frobenius_sq(wb)
+    if not (math.isfinite(total) and math.isfinite(base_sq)):
+        _check_finite(w_base, bstream.ckpt, key)
+        _check_finite(tstream.read(key), tstream.ckpt, key)
+    return w_base, diff, base_sq**0.5, total
+
+
 def _check_finite(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
@@ -262,6 +287,20 @@ def _peft_task_type(base: Checkpoint) -> str | None:
         if any(str(a).endswith(suffix) for a in archs):
             return task
     return None
+
+
+def _tied_head_warning(base: Checkpoint, tuned: Checkpoint, layers: dict[str, LoraLayer]) -> list[str]:
+    """Checkpoints saved with tied embeddings store the head once; a LoRA on the embedding then misses the head."""
+    cfg = base.path / "config.json" if base.path.is_dir() else None
+    try:
+        tied = cfg is not None and cfg.is_file() and bool(json.loads(cfg.read_text()).get("tie_word_embeddings"))
+    except (json.JSONDecodeError, AttributeError):
+        tied = False
+    emb = [n for n, la in layers.items() if la.embedding]
+    if tied and emb and "lm_head.weight" not in tuned:
+        return [f"{base.path / 'config.json'} ties the output head to {emb[0]}, but the adapter's embedding LoRA only "
+                "patches the input side: the head keeps the base weights (target lm_head separately, or untie)"]
+    return []
 
 
 def extract(
@@ -292,15 +331,8 @@ def extract(
     for pair in (progress(pairs, len(pairs)) if progress else pairs):
         key = pair.key
         t_layer = time.perf_counter()
-        w_base, w_tuned = bstream.read(key), tstream.read(key)
-        _check_finite(w_base, bck, key)
-        _check_finite(w_tuned, tck, key)
-        out_dtype = opt.dtype or w_tuned.dtype
-        wb = w_base.to(device=device, dtype=torch.float32)
-        diff = w_tuned.to(device=device, dtype=torch.float32) - wb
-        total = frobenius_sq(diff)
-        base_norm = frobenius_sq(wb) ** 0.5
-        del wb
+        w_base, diff, base_norm, total = _read_diff(bstream, tstream, key, device)
+        out_dtype = opt.dtype or tck.dtype(key)
         rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
         if total == 0:
             skipped.append({"name": key, "reason": "unchanged (ΔW = 0)"})
@@ -313,11 +345,12 @@ def extract(
             if pair.kind in ("vector", "other"):
                 vectors.append({"name": key, "shape": list(pair.shape), "relative_norm": rel, "saved": full})
             if full:
-                extra[f"base_model.model.{key}"] = w_tuned.to(out_dtype).contiguous()
+                extra[f"base_model.model.{key}"] = tstream.read(key).to(out_dtype).contiguous()
                 full_modules.add(pair.module)
             continue
         fp = (pair.shape, total, base_norm)
-        if fp in seen and torch.equal(w_tuned, tstream.read(seen[fp])) and torch.equal(w_base, bstream.read(seen[fp])):
+        if fp in seen and torch.equal(w_base, bstream.read(seen[fp])) and torch.equal(
+                tstream.read(key), tstream.read(seen[fp])):
             first = by_key[seen[fp]]
             layer = LoraLayer(down=first.down, up=first.up, alpha=first.alpha, embedding=pair.kind == "embedding")
             layers[pair.module] = layer
@@ -325,7 +358,7 @@ def extract(
                        kind=pair.kind, tied_to=module_of(seen[fp]))
             rows.append(row)
             continue
-        del w_base, w_tuned
+        del w_base
         rule = opt.conv_rule if pair.kind == "conv" and opt.conv_rule is not None else opt.rule
         row, layer = _extract_layer(diff, pair, rule, total, base_norm, out_dtype, opt)
         del diff
@@ -344,7 +377,15 @@ def extract(
         )
     if not layers:
         raise LoraToolsError("nothing to extract as LoRA: all changed tensors are saved in full (--save-full)")
-    adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path))
+    both = sorted(full_modules & set(layers))
+    if both:
+        raise LoraToolsError(
+            f"module {both[0]} would be both a LoRA target and saved in full (--save-full matched only some of its "
+            "tensors, e.g. the bias); match the whole module or none of it"
+        )
+    warnings = _tied_head_warning(bck, tck, layers)
+    adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path),
+                      warnings=warnings)
     if opt.format == "peft":
         adapter.config = {
             "peft_type": "LORA", "task_type": _peft_task_type(bck), "base_model_name_or_path": str(bck.path),
@@ -412,13 +453,12 @@ def output_size(path: Path) -> int:
 # ---------------------------------------------------------------------------------------- spectrum
 def layer_spectrum_of_diff(
     diff: torch.Tensor, top: int, exact: bool, exact_below: int, seed: int
-) -> tuple[torch.Tensor, float, bool]:
+) -> tuple[torch.Tensor, bool]:
     """Singular values of ΔW (2-D): exact ``svdvals`` when small or asked, else randomized top-``top``."""
-    total = frobenius_sq(diff)
     if exact or min(diff.shape) <= exact_below or top >= min(diff.shape):
-        return torch.linalg.svdvals(diff).cpu(), total, True
+        return torch.linalg.svdvals(diff).cpu(), True
     _, s, _ = randomized_svd(diff, top, seed=seed)
-    return s.cpu(), total, False
+    return s.cpu(), False
 
 
 def spectrum(
@@ -451,26 +491,19 @@ def spectrum(
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     rows, vectors = [], []
     for pair in (progress(pairs, len(pairs)) if progress else pairs):
-        w_base, w_tuned = bstream.read(pair.key), tstream.read(pair.key)
-        _check_finite(w_base, bck, pair.key)
-        _check_finite(w_tuned, tck, pair.key)
-        wb = w_base.to(device=dev, dtype=torch.float32)
-        diff = w_tuned.to(device=dev, dtype=torch.float32) - wb
-        base_norm = frobenius_sq(wb) ** 0.5
-        del w_base, w_tuned, wb
+        w_base, diff, base_norm, total = _read_diff(bstream, tstream, pair.key, dev)
+        del w_base
         if pair.kind in ("vector", "other"):
-            total = frobenius_sq(diff)
             if total > 0:
                 vectors.append({"name": pair.key, "shape": list(pair.shape),
                                 "relative_norm": math.sqrt(total) / base_norm if base_norm else None})
             else:
                 skipped.append({"name": pair.key, "reason": "unchanged (ΔW = 0)"})
             continue
-        mat = diff.reshape(pair.shape[0], -1)
-        s, total, is_exact = layer_spectrum_of_diff(mat, top, exact, exact_below, seed)
         if total == 0:
             skipped.append({"name": pair.key, "reason": "unchanged (ΔW = 0)"})
             continue
+        s, is_exact = layer_spectrum_of_diff(diff.reshape(pair.shape[0], -1), top, exact, exact_below, seed)
         rows.append(_spectrum_row(pair, s.double(), total, base_norm, is_exact))
     return {
         "base": str(bck.path), "tuned": str(tck.path), "layers": rows, "skipped": skipped,

@@ -94,9 +94,12 @@ def randomized_svd(
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
-def frobenius_sq(matrix: torch.Tensor) -> float:
-    """‖A‖_F² accumulated in float64 without materialising a float64 copy of ``A``."""
-    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
+def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """‖A‖_F² accumulated in float64, ``chunk`` elements at a time (a float64 copy of the whole
+    matrix would double the memory of the largest layer)."""
+    flat = matrix.reshape(-1)
+    return sum(float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
+               for i in range(0, flat.numel(), chunk))
 
 
 RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")

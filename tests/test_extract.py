@@ -224,6 +224,33 @@ def test_randomized_path_is_eckart_young_optimal(big_pair, rule):
     assert [v["name"] for v in res.changed_vectors] == ["conv.bias"]
 
 
+def test_min_diff_and_save_full_conflict(big_pair):
+    root, base, tuned = big_pair
+    b, t = root / "base.safetensors", root / "tuned.safetensors"
+    rel = {k: float((tuned[k] - base[k]).norm() / base[k].norm()) for k in ("conv.weight", "blocks.0.proj.weight")}
+    cut = (rel["conv.weight"] + rel["blocks.0.proj.weight"]) / 2
+    assert rel["conv.weight"] < cut < rel["blocks.0.proj.weight"]
+    res = extract(b, t, ExtractOptions(rule=RankRule("rank", 4), min_diff=cut))
+    reasons = {s["name"]: s["reason"] for s in res.skipped}
+    assert reasons["conv.weight"].startswith("below --min-diff") and "blocks.0.proj" in res.adapter.layers
+    with pytest.raises(LoraToolsError, match="both a LoRA target and saved in full"):
+        extract(b, t, ExtractOptions(rule=RankRule("rank", 4), save_full=["*.bias"]))
+    res = extract(b, t, ExtractOptions(rule=RankRule("rank", 4), save_full=["conv"]))
+    assert "conv" not in res.adapter.layers and res.full == ["conv"]
+    assert set(res.adapter.extra_tensors) == {"base_model.model.conv.weight", "base_model.model.conv.bias"}
+
+
+def test_tied_embeddings_warn(tmp_path):
+    base = tiny_llama(0, tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "b")
+    tuned = finetune(base, steps=1)
+    tuned.save_pretrained(tmp_path / "t")
+    if "lm_head.weight" in Checkpoint(tmp_path / "t"):
+        pytest.skip("this transformers version saves tied heads twice (handled as tied keys)")
+    res = extract(tmp_path / "b", tmp_path / "t", ExtractOptions(rule=RankRule("rank", 2)))
+    assert any("ties the output head" in w for w in res.adapter.warnings)
+
+
 def test_seeded_and_deterministic(big_pair):
     root, _, _ = big_pair
     opts = ExtractOptions(rule=RankRule("rank", 8), seed=5)

@@ -91,7 +91,8 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     s["file_size_bytes"] = output_size(Path(out_path))
     if as_json:
         emit_json(clean_floats({"layers": result.layers, "skipped": result.skipped,
-                                "changed_vectors": result.changed_vectors, "summary": s}))
+                                "changed_vectors": result.changed_vectors, "summary": s,
+                                "warnings": result.adapter.warnings}))
         return
     rows = [[r["name"], r["kind"], "×".join(map(str, r["shape"])), r["rank"], f"{r['retained_energy']:.4f}",
              fmt(r["relative_error"], 3), fmt(r["relative_norm"], 3)] for r in result.layers]
