@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -219,9 +219,8 @@ def convert_adapter(
                 new.meta[key] = layer.meta[key]
         layers[name] = new
         rows.append(asdict(row))
-    out = Adapter(layers=layers, format=adapter.format, metadata=_metadata(adapter, layers),
-                  config=_config(adapter), extra_tensors=dict(adapter.extra_tensors),
-                  warnings=list(adapter.warnings), resolved=adapter.resolved, source=adapter.source)
+    out = replace(adapter, layers=layers, metadata=_metadata(adapter, layers), config=_config(adapter),
+                  extra_tensors=dict(adapter.extra_tensors), warnings=list(adapter.warnings))
     if inexact:
         out.warnings.append(
             f"{len(inexact)} DoRA layer(s) (e.g. {inexact[0]}) moved between PEFT (no eps) and LyCORIS (‖V‖ + eps) "

@@ -59,7 +59,7 @@ def test_round_trip_bit_exact(cli, tmp_path, src, via):
     src_path = SAMPLES / src
     base = SAMPLES / ("unet_base.safetensors" if src == "locon.safetensors" else "base")
     src_fmt = "peft" if src_path.is_dir() else "kohya"
-    if "dora" in src and via != "peft":
+    if "dora" in src and via == "diffusers":
         cli.fails("convert", src_path, "--to", via, "-o", tmp_path / "x.safetensors", match="DoRA")
         assert not (tmp_path / "x.safetensors").exists()
         return
@@ -76,7 +76,10 @@ def test_round_trip_bit_exact(cli, tmp_path, src, via):
         assert la.down.dtype == lb.down.dtype
         assert la.scale == lb.scale
         if la.magnitude is not None:
-            assert torch.equal(la.magnitude, lb.magnitude)
+            if via == "peft":
+                assert torch.equal(la.magnitude, lb.magnitude)
+            else:  # through LyCORIS dora_scale: ‖·‖ vs ‖·‖+eps transform with --base, float rounding only
+                torch.testing.assert_close(la.magnitude, lb.magnitude, rtol=1e-6, atol=0)
     if src_fmt == "kohya":
         assert tensors_of(src_path).keys() == tensors_of(back).keys()
         assert all(torch.equal(v, tensors_of(back)[k]) for k, v in tensors_of(src_path).items())
