@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,118 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Svd:
     return q_l @ u_c, s, vh_c @ q_r.T
 
 
+def factored_svdvals(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``left @ right.T`` only: triangular QR factors (no Q formed) + small ``svdvals``.
+
+    ``L = Q_L R_L``, ``R = Q_R R_R`` ⇒ ``L Rᵀ = Q_L (R_L R_Rᵀ) Q_Rᵀ`` has the singular values of the k×k
+    ``R_L R_Rᵀ``. Falls back to the dense product when k ≥ min(m, n).
+    """
+    m, k = left.shape
+    n = right.shape[0]
+    if right.shape[1] != k:
+        raise LoraToolsError(f"factor inner dimensions differ: left {tuple(left.shape)}, right {tuple(right.shape)}")
+    if k >= min(m, n):
+        return torch.linalg.svdvals((left @ right.T).to(compute_dtype(left.dtype)))
+    r_l = torch.linalg.qr(left, mode="r")[1]
+    r_r = torch.linalg.qr(right, mode="r")[1]
+    return torch.linalg.svdvals(r_l @ r_r.T)
+
+
+def _gram_root(gram: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``S`` (p×k) with ``G = SᵀS`` and ``x ↦ S⁺x``: Cholesky, or eigh with null directions dropped."""
+    k = gram.shape[0]
+    c, info = torch.linalg.cholesky_ex(gram)
+    d = c.diagonal()
+    if int(info) == 0 and k and float(d.min()) > float(d.max()) * 1e-6:
+        s = c.T
+        return s, lambda x: torch.linalg.solve_triangular(s, x, upper=True)
+    lam, v = torch.linalg.eigh(gram)
+    keep = lam > float(lam.max().clamp_min(0)) * k * torch.finfo(gram.dtype).eps
+    v, root = v[:, keep], lam[keep].sqrt()
+    return (v * root).T, lambda x: v @ (x / root[:, None])
+
+
+def khatri_rao_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gram ``KᵀK`` (float64) of the row-wise Khatri–Rao product ``K[o, (i, j)] = x[o, i] y[o, j]`` without K.
+
+    ``(KᵀK)[(i, j), (k, l)] = Σ_o (x[o, i] x[o, k]) (y[o, j] y[o, l]) = Pᵀ Q`` over the symmetric pairs
+    ``i ≤ k`` and ``j ≤ l`` only, so one GEMM of ``m × r(r+1)/2`` matrices (≈ ¼ of ``m r⁴``) then a gather.
+    """
+    x, y = x.double(), y.double()
+    rx, ry = x.shape[1], y.shape[1]
+    ix, kx = torch.triu_indices(rx, rx)
+    jy, ly = torch.triu_indices(ry, ry)
+    g = (x[:, ix] * x[:, kx]).T @ (y[:, jy] * y[:, ly])  # [pairs_x, pairs_y]
+    px = torch.zeros(rx, rx, dtype=torch.long)
+    px[ix, kx] = torch.arange(ix.numel())
+    px[kx, ix] = torch.arange(ix.numel())
+    py = torch.zeros(ry, ry, dtype=torch.long)
+    py[jy, ly] = torch.arange(jy.numel())
+    py[ly, jy] = torch.arange(jy.numel())
+    full = g[px[:, None, :, None], py[None, :, None, :]]  # [i, j, k, l]
+    return full.reshape(rx * ry, rx * ry)
+
+
+def gram_svd(left: torch.Tensor | None, right: torch.Tensor | None, compute_uv: bool = True,
+             grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+             shape: tuple[int, int] | None = None) -> Svd | torch.Tensor:
+    """Exact thin SVD of ``left @ right.T`` through float64 Gram matrices (Cholesky–QR).
+
+    ``LᵀL = SᵀS`` (Cholesky, float64) ⇒ ``L = Q S`` with ``Q = L S⁻¹`` orthonormal; likewise ``R = P T``, so
+    ``L Rᵀ = Q (S Tᵀ) Pᵀ`` and the k×k core ``S Tᵀ`` carries the singular values. The Grams are one GEMM
+    each (``m k²`` flops, much faster than a Householder QR of a tall m×k matrix); forming them in float64
+    keeps the squared condition number harmless for float32 data. Rank-deficient Grams fall back to an
+    eigendecomposition with the null directions dropped. Use when k is large (LoHa's r₁r₂ columns).
+
+    ``grams`` (``LᵀL``, ``RᵀR`` in float64, e.g. from :func:`khatri_rao_gram`) may be given; singular values
+    alone then never touch the m×k factors (pass ``None`` for them and ``shape=(m, n)``).
+
+    Returns ``(U, S, Vh)`` as :func:`factored_svd`, or only ``S`` with ``compute_uv=False``.
+    """
+    if left is not None:
+        (m, k), n = left.shape, right.shape[0]
+        if right.shape[1] != k:
+            raise LoraToolsError(f"factor inner dimensions differ: left {tuple(left.shape)}, right {tuple(right.shape)}")
+        out_dtype = compute_dtype(left.dtype)
+        if k >= min(m, n):
+            dense = (left @ right.T).to(out_dtype)
+            return svd(dense) if compute_uv else torch.linalg.svdvals(dense)
+    else:
+        out_dtype = torch.float32
+    if grams is None:
+        l64, r64 = left.double(), right.double()
+        grams = (l64.T @ l64, r64.T @ r64)
+    s_l, inv_l = _gram_root(grams[0])
+    s_r, inv_r = _gram_root(grams[1])
+    core = s_l @ s_r.T
+    if not compute_uv:
+        return torch.linalg.svdvals(core.to(out_dtype))
+    u_c, sv, vh_c = torch.linalg.svd(core.to(out_dtype), full_matrices=False)  # float32 data: float32 core SVD
+    u = left @ inv_l(u_c.double()).to(left.dtype)
+    v = right @ inv_r(vh_c.T.double()).to(right.dtype)
+    return u.to(out_dtype), sv.to(out_dtype), v.T.to(out_dtype)
+
+
+def kron_svd(svd1: Svd, svd2: Svd, keep: int | None = None) -> Svd:
+    """Thin SVD of ``kron(A₁, A₂)`` from thin SVDs ``Aᵢ = Uᵢ Σᵢ Vhᵢ`` of the two small matrices.
+
+    ``kron(U₁Σ₁Vh₁, U₂Σ₂Vh₂) = kron(U₁, U₂) kron(Σ₁, Σ₂) kron(Vh₁, Vh₂)`` and Kronecker products of
+    orthonormal columns are orthonormal, so this *is* an SVD once the products σᵢσⱼ are sorted. Only the
+    top ``keep`` (default: all) triplets are built, column by column: ``U[:, t] = kron(U₁[:, i], U₂[:, j])``,
+    never the Kronecker product of the full matrices.
+    """
+    u1, s1, vh1 = svd1
+    u2, s2, vh2 = svd2
+    prod = torch.outer(s1, s2).reshape(-1)
+    order = torch.argsort(prod, descending=True, stable=True)
+    if keep is not None:
+        order = order[:keep]
+    i, j = order // s2.numel(), order % s2.numel()
+    u = (u1[:, i][:, None, :] * u2[:, j][None, :, :]).reshape(u1.shape[0] * u2.shape[0], -1)
+    vh = (vh1[i][:, :, None] * vh2[j][:, None, :]).reshape(-1, vh1.shape[1] * vh2.shape[1])
+    return u, prod[order], vh
+
+
 def randomized_svd(
     matrix: torch.Tensor,
     rank: int,
@@ -92,6 +205,14 @@ def randomized_svd(
         q, _ = torch.linalg.qr(a @ z)
     ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
+
+
+def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """‖A‖_F² accumulated in float64, ``chunk`` elements at a time (a float64 copy of the whole
+    matrix would double the memory of the largest layer)."""
+    flat = matrix.reshape(-1)
+    return sum(float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
+               for i in range(0, flat.numel(), chunk))
 
 
 RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
@@ -190,7 +311,7 @@ def truncated_svd(
     """
     a = matrix.to(compute_dtype(matrix.dtype))
     m, n = a.shape
-    total = float(a.double().square().sum()) if a.dtype != torch.float64 else float(a.square().sum())
+    total = frobenius_sq(a)
     cap = min(m, n, rule.max_rank or min(m, n))
     if exact or min(m, n) <= exact_below:
         u, s, vh = svd(a)

@@ -29,7 +29,8 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.linalg import RankRule, factored_svd, lora_from_svd
+from loratools.layers import exact_svd
+from loratools.linalg import RankRule, lora_from_svd
 
 Progress = Callable[[Iterable, int], Iterable]
 
@@ -116,8 +117,8 @@ def _compute_dtype(layer: Layer) -> torch.dtype:
 
 
 def layer_svd(layer: Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact thin SVD of a layer's ΔW (2-D view) from its factors."""
-    return factored_svd(*layer.factors(_compute_dtype(layer)))
+    """Exact thin SVD of a layer's ΔW (2-D view) from its factors (LoKr through its Kronecker SVDs)."""
+    return exact_svd(layer, _compute_dtype(layer))
 
 
 def truncate_layer(layer: Layer, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int,

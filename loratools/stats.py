@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from loratools.adapter import Adapter, Layer
-from loratools.linalg import factored_svd
+from loratools.layers import spectrum
 
 ENERGY_LEVELS = (0.5, 0.9, 0.99)
 
@@ -53,27 +53,43 @@ def spectrum_stats(s: torch.Tensor, total_energy: float | None = None) -> Spectr
 
 
 def layer_spectrum(layer: Layer) -> torch.Tensor:
-    """Exact singular values of a layer's ΔW from its factors (float32 math, float64 for float64 input)."""
+    """Exact singular values of a layer's ΔW from its structure (float32 math, float64 for float64 input).
+
+    Factored SVD of the exact factors; LoKr through the products σᵢ(W₁)σⱼ(W₂) (see loratools.layers).
+    """
     dtype = torch.float64 if layer.dtype == torch.float64 else torch.float32
-    _, s, _ = factored_svd(*layer.factors(dtype))
-    return s
+    return spectrum(layer, dtype)
+
+
+def layer_type(layer: Layer) -> str:
+    """``lora``, ``loha``, ``lokr``, ``full``; a LoRA with a magnitude is ``dora``, others get ``+dora``."""
+    if layer.magnitude is None:
+        return layer.kind
+    return "dora" if layer.kind == "lora" else layer.kind + "+dora"
 
 
 def layer_report(name: str, layer: Layer, base_norm: float | None = None) -> dict:
     """One inspect row: identity of the layer plus its spectrum statistics."""
-    s = layer_spectrum(layer)
+    finite = all(bool(torch.isfinite(t).all()) for t in layer.tensors().values() if t.is_floating_point())
+    s = layer_spectrum(layer) if finite else torch.zeros(0)
     st = spectrum_stats(s)
     row: dict = {
         "name": name,
-        "type": layer.kind + ("+dora" if layer.magnitude is not None else ""),
+        "type": layer_type(layer),
         "shape": list(layer.shape),
         "rank": layer.rank,
+        "structural_rank": layer.rank,
+        "dim": getattr(layer, "dim", layer.rank),
+        "magnitude_axis": layer.magnitude_axis if layer.magnitude is not None else None,
         "alpha": getattr(layer, "effective_alpha", None),
         "scale": getattr(layer, "scale", None),
         "dtype": str(layer.dtype).replace("torch.", ""),
         **asdict(st),
     }
     row["singular_values"] = [x for x in st.singular_values if x > 0]
+    if not finite:
+        row.update(fro_norm=float("nan"), spectral_norm=float("nan"), stable_rank=float("nan"),
+                   effective_rank=float("nan"), nonfinite=True)
     if base_norm is not None:
         row["base_fro_norm"] = base_norm
         row["relative_norm"] = st.fro_norm / base_norm if base_norm > 0 else None

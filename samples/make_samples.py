@@ -9,6 +9,10 @@ an independent reference):
 * ``peft_dora/``       PEFT DoRA adapter (q,v; r=4) with magnitudes derived from the base weights
 * ``unet_base.safetensors``   a tiny UNet-like single-file checkpoint (convs + attention linears)
 * ``locon.safetensors``       a kohya LoCon adapter for it (3x3 and 1x1 convs + linears)
+* ``lycoris.safetensors``     a LyCORIS file for it: LoHa (plain and Tucker), LoKr (factored and both-full),
+  Tucker LoCon, a full diff and an output-axis ``dora_scale`` (fp16, LyCORIS key names)
+* ``tuned/``           a "full fine-tune" of base/ (for ``extract`` / ``spectrum``): every projection moved
+  by the peft_lora delta plus small full-rank noise, the final norm changed, embeddings untouched
 
 Factors have decaying spectra so that ``inspect`` shows realistic effective ranks.
 """
@@ -169,11 +173,73 @@ def write_locon() -> None:
     save_file(sd, str(HERE / "locon.safetensors"), metadata=meta)
 
 
+def write_lycoris() -> None:
+    """LyCORIS 4.x key layouts on the UNet-like base (see loratools/formats/lycoris.py for the math)."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(HERE / "unet_base.safetensors"))
+    g = gen(4)
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1."
+    sd: dict[str, torch.Tensor] = {}
+
+    def put(mod: str, **tensors: torch.Tensor) -> None:
+        for k, v in tensors.items():
+            sd[f"lora_unet_{mod.replace('.', '_')}.{k}"] = v.half()
+
+    def rnd(*shape: int, s: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * s
+
+    for p in ("to_q", "to_k"):  # LoHa r=4, alpha 2
+        put(attn + p, hada_w1_a=rnd(32, 4), hada_w1_b=rnd(4, 32), hada_w2_a=rnd(32, 4), hada_w2_b=rnd(4, 32),
+            alpha=torch.tensor(2.0))
+    put(attn + "to_v", lokr_w1=rnd(4, 4), lokr_w2_a=rnd(8, 2), lokr_w2_b=rnd(2, 8), alpha=torch.tensor(1.0))
+    down, up = rnd(4, 32), rnd(32, 4)
+    w = base[attn + "to_out.0.weight"] + 0.5 * up @ down
+    put(attn + "to_out.0", **{"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(2.0),
+                              "dora_scale": (w.norm(dim=1) * (1 + 0.1 * torch.rand(32, generator=g)))[:, None]})
+    put("down_blocks.0.resnets.0.conv1", hada_t1=rnd(4, 4, 3, 3), hada_w1_a=rnd(4, 32), hada_w1_b=rnd(4, 32),
+        hada_t2=rnd(4, 4, 3, 3), hada_w2_a=rnd(4, 32), hada_w2_b=rnd(4, 32), alpha=torch.tensor(4.0))
+    put("down_blocks.0.resnets.0.conv2", **{"lora_down.weight": rnd(4, 32, 1, 1), "lora_mid.weight": rnd(4, 4, 3, 3),
+                                            "lora_up.weight": rnd(32, 4, 1, 1), "alpha": torch.tensor(4.0)})
+    put("down_blocks.0.attentions.0.proj_in", lokr_w1=rnd(4, 4), lokr_w2=rnd(8, 8, 1, 1), alpha=torch.tensor(4.0))
+    put("down_blocks.0.attentions.0.proj_out", diff=rnd(32, 32, 1, 1, s=0.01))
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_dim": "4", "ss_network_alpha": "2",
+            "ss_network_args": json.dumps({"algo": "loha", "conv_dim": "4", "conv_alpha": "4"}),
+            "ss_output_name": "lycoris_sample"}
+    save_file(sd, str(HERE / "lycoris.safetensors"), metadata=meta)
+
+
+def write_tuned(base: dict[str, torch.Tensor]) -> None:
+    """base + the peft_lora deltas (scale alpha/r) + 1e-3-relative full-rank noise; model.norm changed."""
+    g = gen(4)
+    lora = {}
+    g_lora = gen(1)  # replay write_lora's draws to get the same factors
+    for i in range(LAYERS):
+        for name, (o, n) in PROJ.items():
+            r = 4 if name.endswith("v_proj") else 8
+            lora[f"model.layers.{i}.{name}"] = lora_pair(g_lora, o, n, r)
+    sd = {}
+    for k, w in base.items():
+        mod = k[: -len(".weight")]
+        if mod in lora:
+            down, up = lora[mod]
+            w = w + 2.0 * up @ down + 1e-3 * w.std() * torch.randn(w.shape, generator=g)
+        elif mod == "model.norm":
+            w = w + 0.01 * torch.randn(w.shape, generator=g)
+        sd[k] = w.contiguous()
+    d = HERE / "tuned"
+    d.mkdir(exist_ok=True)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text((HERE / "base" / "config.json").read_text())
+
+
 def main() -> None:
     base = write_base()
     write_lora()
     write_dora(base)
     write_locon()
+    write_lycoris()
+    write_tuned(base)
 
 
 if __name__ == "__main__":

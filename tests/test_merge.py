@@ -177,3 +177,17 @@ def test_svd_merge_property_full_rank_is_exact(m, n, r1, r2, w1, w2, seed):
         got = merged.layers["x"].delta(torch.float64)
         assert float((got - exact).norm()) <= 1e-5 * max(float(exact.norm()), 1e-6)
         assert report.layers[0].relative_error < 1e-4 or float(exact.norm()) < 1e-6
+
+
+def test_svd_merge_lycoris_kinds(samples):
+    ad = load_adapter(samples / "lycoris.safetensors")
+    ad.layers = {n: la for n, la in ad.layers.items() if la.magnitude is None}
+    other = rand_adapter({}, 1, 0, 1.0)
+    other.layers = {n: LoraLayer(down=torch.randn(2, *la.shape[1:]), up=torch.randn(la.shape[0], 2, *([1] * (len(la.shape) - 2))),
+                                 alpha=2.0) for n, la in ad.layers.items()}
+    merged, report = merge_adapters([(ad, 0.8), (other, -0.5)], method="cat")
+    for name, layer in ad.layers.items():
+        exact = 0.8 * layer.delta(torch.float64) - 0.5 * other.layers[name].delta(torch.float64)
+        assert rel(merged.layers[name].delta(torch.float64), exact) < 2e-3, name
+    with pytest.raises(LoraToolsError, match="plain LoRA"):
+        merge_adapters([(ad, 0.8), (other, -0.5)], method="linear")

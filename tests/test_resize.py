@@ -186,3 +186,16 @@ def test_resize_bad_inputs(cli, samples, tmp_path):
     cli.fails("resize", samples / "peft_lora", "-o", tmp_path / "y", "--rank", "0", match="--rank")
     assert not (tmp_path / "y").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no temp files left behind
+
+
+def test_resize_lycoris_layers_loha_lokr_full(samples, tmp_path, cli):
+    """Any layer kind (LoHa, LoKr, full, Tucker) is resized from its exact factors."""
+    src = load_adapter(samples / "lycoris.safetensors")
+    assert {layer.kind for layer in src.layers.values()} >= {"loha", "lokr", "full"}
+    out = tmp_path / "ly.safetensors"
+    cli.ok("resize", samples / "lycoris.safetensors", "-o", out, "--rank", "3")
+    new = load_adapter(out)
+    for name, layer in src.layers.items():
+        ref, _ = dense_truncation(layer.delta(torch.float64), 3)
+        assert new.layers[name].rank == 3 and new.layers[name].shape == layer.shape
+        assert rel(new.layers[name].delta(torch.float64), ref) < 2e-3, name

@@ -1,21 +1,36 @@
-"""``loratools convert``: rewrite an adapter in another format (bit-exact weights, metadata kept)."""
+"""``loratools convert``: rewrite an adapter as plain LoRA in another format.
+
+Plain LoRA layers are copied bit-exactly (unless --dtype or a rank rule is given); LoHa, LoKr, Tucker
+and full layers become exact plain LoRA (structural rank), or the optimal truncation under a rank rule.
+DoRA magnitudes move between PEFT and LyCORIS; --fold-dora folds them into plain LoRA.
+"""
 
 from __future__ import annotations
 
 import click
+from tabulate import tabulate
 
+from loratools.checkpoint import Checkpoint
 from loratools.cli.common import (
+    clean_floats,
     dtype_option,
     echo_warnings,
     emit_json,
+    fmt,
     force_option,
     format_option,
     handle_errors,
     json_option,
     main,
+    make_rule,
     nonfinite_option,
     parse_dtype,
+    progress,
+    quiet_option,
+    rank_rule_options,
 )
+from loratools.convert import check_convertible, convert_adapter
+from loratools.errors import LoraToolsError
 from loratools.formats import FORMATS, load_adapter, save_adapter
 from loratools.formats.common import check_output
 
@@ -24,24 +39,48 @@ from loratools.formats.common import check_output
 @click.argument("adapter", type=click.Path())
 @click.option("--to", "to_format", required=True, type=click.Choice(FORMATS), help="Output format.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file (kohya, diffusers) or folder (peft).")
-@click.option("--base", type=click.Path(), default=None, help="Base checkpoint to resolve kohya names to module paths.")
+@click.option("--base", type=click.Path(), default=None,
+              help="Base checkpoint: resolves kohya/LyCORIS names, gives conv kernel shapes, exact DoRA moves, --fold-dora.")
 @format_option
+@rank_rule_options
+@click.option("--fold-dora", is_flag=True, help="Fold DoRA magnitudes into plain LoRA (needs --base).")
 @dtype_option
 @force_option
 @click.option("--kohya-prefix", default=None, help="Prefix for kohya names of layers with no component (default lora_unet_).")
 @nonfinite_option
+@quiet_option
 @json_option
 @handle_errors
-def convert_command(adapter, to_format, out, base, in_format, dtype, force, kohya_prefix, allow_nonfinite, as_json):
-    """Convert ADAPTER to --to format. Weights are copied bit-exactly unless --dtype is given."""
+def convert_command(adapter, to_format, out, base, in_format, rank, energy, ratio, threshold, max_rank, fold_dora,
+                    dtype, force, kohya_prefix, allow_nonfinite, quiet, as_json):
+    """Convert ADAPTER (PEFT LoRA/LoHa/LoKr/DoRA, kohya, LyCORIS, diffusers) to plain LoRA in --to format.
+
+    Without a rank rule the conversion is exact; with --rank/--energy/--ratio/--threshold each layer is the
+    optimal truncation of its exact spectrum (computed from the factors, never from the dense ΔW).
+    """
     out_path = check_output(out, force)
+    if fold_dora and base is None:
+        raise LoraToolsError("--fold-dora needs --base CKPT (the DoRA norm is taken over W + ΔW)")
+    rule = make_rule(rank, energy, ratio, threshold, max_rank)
     dt = parse_dtype(dtype)
-    ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite)
-    save_adapter(ad, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix)
+    ckpt = Checkpoint(base) if base else None
+    ad = load_adapter(adapter, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite)
+    check_convertible(ad, to_format, fold_dora, ckpt)
+    new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
+                                progress=lambda it, n: progress(it, n, "convert", quiet or as_json))
+    save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix)
     doc = {"input": str(adapter), "input_format": ad.format, "output": str(out_path), "format": to_format,
-           "layers": len(ad.layers), "params": ad.num_params, "warnings": ad.warnings}
+           "rule": rule.describe() if rule else "exact", "layers": len(new.layers), "params": new.num_params,
+           "source_params": ad.num_params, "per_layer": rows, "warnings": new.warnings}
     if as_json:
-        emit_json(doc)
+        emit_json(clean_floats(doc))
         return
-    click.echo(f"wrote {to_format} adapter with {len(ad.layers)} layers ({ad.num_params:,} params) to {out_path}")
-    echo_warnings(ad.warnings)
+    changed = [r for r in rows if r["action"] != "copied"]
+    if changed:
+        table = [[r["name"], r["source_type"], "×".join(map(str, r["shape"])), r["source_rank"], r["rank"],
+                  r["action"], fmt(r["retained_energy"], 6), fmt(r["relative_error"], 3), fmt(r["optimal_error"], 3)]
+                 for r in changed]
+        click.echo(tabulate(table, headers=["layer", "type", "shape", "src rank", "rank", "action", "energy",
+                                            "rel.err", "optimum"], disable_numparse=True))
+    click.echo(f"wrote {to_format} adapter with {len(new.layers)} layers ({new.num_params:,} params) to {out_path}")
+    echo_warnings(new.warnings)

@@ -10,7 +10,7 @@ import torch
 from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.formats import diffusers, kohya, peft
+from loratools.formats import diffusers, kohya, lycoris, peft
 from loratools.formats.common import mangle, read_tensors, split_component
 
 FORMATS = ("peft", "kohya", "diffusers")
@@ -80,7 +80,9 @@ def load_adapter(
         adapter = reader.read_tensors_map(tensors, metadata, str(f))
     adapter.check_finite(allow_nonfinite)
     if base is not None:
-        resolve_names(adapter, base if isinstance(base, Checkpoint) else Checkpoint(base))
+        ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
+        resolve_names(adapter, ckpt)
+        lycoris.fit_base(adapter, ckpt)
     return adapter
 
 
@@ -139,6 +141,8 @@ def save_adapter(
 ) -> None:
     """Write ``adapter`` in ``format`` atomically (temp file/folder + rename)."""
     out = Path(out)
+    if format == "lycoris":  # LyCORIS files are kohya-layout files: LoRA layers (+ dora_scale) go back as kohya
+        format = "kohya"
     if format == "peft":
         peft.write(adapter, out, force, dtype)
     elif format == "kohya":

@@ -21,21 +21,24 @@ from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     COMPONENT_PREFIX,
     KOHYA_PREFIXES,
-    PEFT_CONFIG_KEY,
     atomic_path,
+    embed_peft_config,
     guess_component,
     mangle,
     save_safetensors,
     split_component,
+    take_peft_config,
 )
 
 LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", "diff", "dora_scale", "diff_b", "scalar")
+#: the prefix LyCORIS's own ``LycorisNetwork`` gives its module names (no pipeline component)
+LYCORIS_PREFIX = "lycoris_"
 
 
 def split_prefix(stem: str) -> tuple[str | None, str]:
     """``lora_te2_text_model_x`` → (``lora_te2_``, ``text_model_x``); longest known prefix wins."""
-    for prefix in sorted(KOHYA_PREFIXES, key=len, reverse=True):
+    for prefix in sorted([*KOHYA_PREFIXES, LYCORIS_PREFIX], key=len, reverse=True):
         if stem.startswith(prefix):
             return prefix, stem[len(prefix):]
     return None, stem
@@ -47,24 +50,18 @@ def is_kohya_key(key: str) -> bool:
 
 
 def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
+    if any(key.partition(".")[2].startswith(LYCORIS_MARKERS) for key in tensors):
+        from loratools.formats import lycoris  # LoHa / LoKr / Tucker / full / DoRA: the LyCORIS reader
+
+        return lycoris.read_tensors_map(tensors, metadata, source)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         stem, _, suffix = key.partition(".")
         if suffix not in LORA_SUFFIXES:
-            if suffix.startswith(LYCORIS_MARKERS):
-                raise LoraToolsError(
-                    f"{source}: key {key!r} is a LyCORIS tensor ({suffix}); LoHa/LoKr/Tucker/DoRA files are not supported yet"
-                )
             raise LoraToolsError(f"{source}: unknown key layout {key!r} (expected <stem>.lora_down.weight / .lora_up.weight / .alpha)")
         groups.setdefault(stem, {})[LORA_SUFFIXES[suffix]] = t
-    meta = dict(metadata)
-    config_json = meta.pop(PEFT_CONFIG_KEY, None)
-    adapter = Adapter(layers={}, format="kohya", metadata=meta, source=source, resolved=False)
-    if config_json:
-        try:
-            adapter.config = json.loads(config_json)
-        except json.JSONDecodeError:
-            adapter.warnings.append(f"metadata {PEFT_CONFIG_KEY} is not valid JSON; ignored")
+    adapter = Adapter(layers={}, format="kohya", metadata=dict(metadata), source=source, resolved=False)
+    take_peft_config(adapter)
     for stem, p in groups.items():
         if "down" not in p or "up" not in p:
             missing = "lora_down.weight" if "down" not in p else "lora_up.weight"
@@ -137,9 +134,12 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
     for name, layer in adapter.layers.items():
         if not isinstance(layer, LoraLayer):
             raise LoraToolsError(f"{name}: {layer.kind} layers have no kohya LoRA form; convert them to LoRA first")
-        if layer.magnitude is not None:
-            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written to kohya format (use --to peft)")
         stem = stem_for(name, layer, adapter.resolved, prefix)
+        if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
+            mag = layer.magnitude.reshape(-1)
+            shape = ((layer.shape[0], *([1] * (len(layer.shape) - 1))) if layer.magnitude_axis == "out"
+                     else (1, mag.numel(), *([1] * (len(layer.shape) - 2))))
+            tensors[stem + ".dora_scale"] = mag.reshape(shape) if dtype is None else mag.reshape(shape).to(dtype)
         if stem + ".lora_down.weight" in tensors:
             raise LoraToolsError(f"two layers map to the same kohya name {stem}")
         tensors[stem + ".lora_down.weight"] = layer.down if dtype is None else layer.down.to(dtype)
@@ -154,9 +154,7 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
 
 def build_metadata(adapter: Adapter) -> dict[str, str]:
     """Keep every ``ss_*`` key; rewrite dim/alpha only where they no longer describe the layers."""
-    meta = dict(adapter.metadata)
-    if adapter.config.get("peft_type"):
-        meta[PEFT_CONFIG_KEY] = json.dumps(adapter.config, sort_keys=True)
+    meta = embed_peft_config(adapter, adapter.metadata)
     linear = [la for la in adapter.layers.values() if not la.is_conv]
     conv = [la for la in adapter.layers.values() if la.is_conv]
     meta.setdefault("ss_network_module", "networks.lora")
@@ -167,9 +165,9 @@ def build_metadata(adapter: Adapter) -> dict[str, str]:
         alphas = {la.effective_alpha if not la.rslora else la.scale * la.rank for la in layers}
         dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
         alpha = _fmt(next(iter(alphas))) if len(alphas) == 1 else "Dynamic"
-        if _differs(meta.get(dim_key), dim):
+        if _differs(meta.get(dim_key), dim, {float(r) for r in ranks}):
             meta[dim_key] = dim
-        if _differs(meta.get(alpha_key), alpha):
+        if _differs(meta.get(alpha_key), alpha, alphas):
             meta[alpha_key] = alpha
     if conv:
         try:
@@ -189,10 +187,16 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _differs(old: str | None, new: str) -> bool:
+def _differs(old: str | None, new: str, present: set[float]) -> bool:
+    """Whether metadata value ``old`` no longer describes the layers (``present``: their values)."""
     if old is None:
         return True
+    if new == "Dynamic":
+        try:
+            return old != "Dynamic" and float(old) not in present
+        except ValueError:
+            return old != "Dynamic"
     try:
         return float(old) != float(new)
     except ValueError:
-        return old != new
+        return True

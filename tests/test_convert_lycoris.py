@@ -1,0 +1,143 @@
+"""convert: LoHa / LoKr / Tucker / full → plain LoRA, exact or optimally truncated, loaded by PEFT and LyCORIS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lyco_models import SHAPES, Net, effective, lycoris_net, probe, save_lycoris
+from safetensors.torch import load_file, save_file
+
+from loratools.adapter import LoraLayer
+from loratools.formats import load_adapter
+
+EXACT_CASES = {
+    "loha": ("loha", {}),
+    "loha_tucker": ("loha", {"use_tucker": True}),
+    "lokr": ("lokr", {"dim": 2, "alpha": 1}),
+    "lokr_full": ("lokr", {"dim": 2, "alpha": 1, "full_matrix": True}),
+    "lokr_tucker": ("lokr", {"dim": 2, "alpha": 1, "use_tucker": True}),
+    "locon_tucker": ("lora", {"use_tucker": True}),
+    "full": ("full", {}),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def peft_deltas(folder, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Load ``folder`` with PeftModel.from_pretrained on a Net holding ``base`` and probe each module."""
+    from peft import PeftModel
+
+    model = Net()
+    with torch.no_grad():
+        for n, w in base.items():
+            getattr(model, n).weight.copy_(w)
+    pm = PeftModel.from_pretrained(model, str(folder))
+    pm.eval()
+    return {n: probe(getattr(pm.base_model.model, n), SHAPES[n]) - base[n] for n in base}
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_exact_conversion_loads_in_peft(case, tmp_path, cli):
+    algo, kw = EXACT_CASES[case]
+    model, net, base = lycoris_net(algo, **kw)
+    eff = effective(model, base)
+    f, b = save_lycoris(net, base, tmp_path)
+    out = tmp_path / "peft"
+    doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out, "--base", b, "--json").output)
+    assert doc["rule"] == "exact"
+    for row in doc["per_layer"]:
+        assert row["action"] in ("exact", "copied") and row["relative_error"] == pytest.approx(0.0, abs=1e-6)
+    got = peft_deltas(out, base)
+    for n in SHAPES:
+        assert rel(got[n], eff[n]) < 3e-6, n
+    conv = load_adapter(out).layers["conv"]
+    assert isinstance(conv, LoraLayer) and conv.down.shape[1:] == (16, 3, 3)
+
+
+def test_rank_rule_is_eckart_young_optimal(tmp_path, cli):
+    model, net, base = lycoris_net("loha", dim=3)
+    eff = effective(model, base)
+    f, b = save_lycoris(net, base, tmp_path)
+    out = tmp_path / "k.safetensors"
+    doc = json.loads(cli.ok("convert", f, "--to", "kohya", "-o", out, "--base", b, "--rank", "3", "--json").output)
+    rows = {r["name"]: r for r in doc["per_layer"]}
+    ad = load_adapter(out, base=b)
+    for n in SHAPES:
+        d = eff[n].reshape(eff[n].shape[0], -1).double()
+        s = torch.linalg.svdvals(d)
+        opt = float(s[3:].square().sum().sqrt() / s.square().sum().sqrt())
+        assert rows[n]["rank"] == 3 and rows[n]["action"] == "truncated"
+        assert rows[n]["relative_error"] == pytest.approx(opt, rel=1e-4)
+        assert rows[n]["retained_energy"] == pytest.approx(float(s[:3].square().sum() / s.square().sum()), rel=1e-5)
+        achieved = float((ad.layers[n].delta().reshape(d.shape).double() - d).norm() / d.norm())
+        assert achieved == pytest.approx(opt, rel=1e-3)
+
+
+def test_energy_rule_and_kohya_roundtrip_in_lycoris(tmp_path, cli):
+    from lycoris import create_lycoris_from_weights
+
+    model, net, base = lycoris_net("lokr", dim=2, alpha=1)
+    eff = effective(model, base)
+    f, b = save_lycoris(net, base, tmp_path)
+    out = tmp_path / "k.safetensors"
+    res = cli.ok("convert", f, "--to", "kohya", "-o", out, "--base", b, "--kohya-prefix", "lycoris_")
+    assert "wrote kohya adapter" in res.output
+    sd = load_file(str(out))
+    assert not any("lokr" in k for k in sd) and "lycoris_conv.lora_down.weight" in sd
+    fresh = Net()
+    with torch.no_grad():
+        for n, w in base.items():
+            getattr(fresh, n).weight.copy_(w)
+    lnet, _ = create_lycoris_from_weights(1.0, str(out), fresh)
+    lnet.apply_to()
+    got = effective(fresh, base)
+    for n in SHAPES:
+        assert rel(got[n], eff[n]) < 3e-6
+    doc = json.loads(cli.ok("convert", f, "--to", "kohya", "-o", tmp_path / "e.safetensors", "--base", b,
+                            "--energy", "0.9", "--json").output)
+    assert all(r["retained_energy"] >= 0.9 - 1e-9 for r in doc["per_layer"])
+
+
+def test_plain_lora_copied_bit_exactly(samples, tmp_path, cli):
+    out = tmp_path / "o.safetensors"
+    cli.ok("convert", samples / "locon.safetensors", "--to", "kohya", "-o", out)
+    a, b = load_file(str(samples / "locon.safetensors")), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_peft_loha_folder_to_peft_lora(tmp_path, cli):
+    from peft import LoHaConfig, get_peft_model
+
+    torch.manual_seed(3)
+    model = Net()
+    base = {n: getattr(model, n).weight.detach().clone() for n in SHAPES}
+    pm = get_peft_model(model, LoHaConfig(r=2, alpha=3, target_modules=list(SHAPES), use_effective_conv2d=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "hada_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    pm.eval()
+    ref = {n: probe(getattr(pm.base_model.model, n), SHAPES[n]) - base[n] for n in SHAPES}
+    pm.save_pretrained(str(tmp_path / "loha"))
+    out = tmp_path / "lora"
+    b = tmp_path / "base.safetensors"
+    save_file({f"{n}.weight": w.contiguous() for n, w in base.items()}, str(b))
+    cli.ok("convert", tmp_path / "loha", "--to", "peft", "-o", out, "--base", b)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and "alpha" not in cfg
+    got = peft_deltas(out, base)
+    for n in SHAPES:
+        assert rel(got[n], ref[n]) < 3e-6
+
+
+def test_bias_diff_refused(tmp_path, cli):
+    model, net, base = lycoris_net("full", bias=True)
+    f, b = save_lycoris(net, base, tmp_path)
+    assert any(k.endswith("diff_b") for k in load_file(str(f)))
+    out = tmp_path / "o"
+    cli.fails("convert", f, "--to", "peft", "-o", out, "--base", b, match="bias difference diff_b")
+    assert not out.exists()
