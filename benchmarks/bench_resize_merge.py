@@ -169,6 +169,8 @@ def phase_dense(args) -> dict:
     dev = torch.device(args.device)
     warm_up(args.device)
     times: dict[str, dict[str, list[float]]] = {"resize": {}, "merge": {}}
+    # loratools on the same layer, timed right before the dense run: same machine load for both
+    ours_times: dict[str, dict[str, list[float]]] = {"resize": {}, "merge": {}}
     errors: dict[str, dict[str, float]] = {"resize": {"fp16": 0.0, "fp32": 0.0}, "merge": {"fp16": 0.0, "fp32": 0.0}}
 
     def dense_of(layer: LoraLayer) -> torch.Tensor:
@@ -176,8 +178,17 @@ def phase_dense(args) -> dict:
 
     for name in keep:
         typ = layer_type(name, a.layers[name].matrix_shape)
+        one_a, one_b = replace(a, layers={name: a.layers[name]}), replace(b, layers={name: b.layers[name]})
         for op in ("resize", "merge"):
             sync(args.device)
+            t0 = time.perf_counter()
+            if op == "resize":
+                resize_adapter(one_a, RankRule("rank", RESIZE_RANK))
+            else:
+                merge_adapters([(one_a, WEIGHTS[0]), (one_b, WEIGHTS[1])], method="svd", rank=MERGE_RANK,
+                               device=args.device)
+            sync(args.device)
+            ours_times[op].setdefault(typ, []).append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             if op == "resize":
                 ref = dense_truncate(dense_of(a.layers[name]), RESIZE_RANK)
@@ -192,7 +203,7 @@ def phase_dense(args) -> dict:
                 err = float((mine.double() - ref.double()).norm() / ref.double().norm())
                 errors[op][dt] = max(errors[op][dt], err)
             del ref
-    return {"times": times, "errors": errors, "peak_rss_mib": peak_rss_mib()}
+    return {"times": times, "ours_times": ours_times, "errors": errors, "peak_rss_mib": peak_rss_mib()}
 
 
 def run_phase(name: str, args, extra: list[str] | None = None) -> dict:
@@ -239,6 +250,10 @@ def main() -> None:
         dense_total = sum(per_type[t] * c for t, c in counts.items())
         detail = ", ".join(f"{t}: {per_type[t]:.2f} s/layer × {counts[t]}" for t in counts)
         print(f"  {op:6s} {detail} -> {dense_total:.1f} s")
+        mine_pt = {t: sum(v) / len(v) for t, v in dense["ours_times"][op].items()}
+        same = ", ".join(f"{t}: {mine_pt[t] * 1e3:.0f} ms vs {per_type[t]:.2f} s = {per_type[t] / mine_pt[t]:.0f}×"
+                         for t in counts)
+        print(f"         interleaved on the same layers (loratools fp16 vs dense, same moment): {same}")
         for dt in ("fp16", "fp32"):
             mine = ours[dt][f"{op}_s"]
             rows.append((op, rank, dt, mine, dense_total, dense_total / mine, dense["errors"][op][dt]))
