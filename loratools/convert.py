@@ -36,6 +36,8 @@ from loratools.stats import layer_type
 Progress = Callable[[Iterable, int], Iterable]
 #: fold-dora reports the Eckart–Young optimum from an exact SVD up to this min(m, n)
 OPTIMUM_EXACT_BELOW = 1024
+#: truncated_svd's default: exact SVD up to this min(m, n)
+EXACT_BELOW = 256
 
 
 @dataclass
@@ -204,7 +206,9 @@ def convert_adapter(
                     raise LoraToolsError(f"{name}: rank rules on embedding LoRA layers are not supported")
                 new, energy, err = _to_lora(layer, rule)
                 action = "exact" if rule is None else "truncated"
-            optimum = None if isinstance(layer, FullLayer) and rule is not None else err  # exact spectrum: optimal
+            # an exact spectrum makes the truncation Eckart–Young optimal; a large full diff may be randomized
+            randomized = isinstance(layer, FullLayer) and rule is not None and min(layer.matrix_shape) > EXACT_BELOW
+            optimum = None if randomized else err
             row = LayerConversion(name, src_type, list(layer.shape), layer.rank, new.rank, energy, err, optimum, action)
             if layer.magnitude is not None:
                 target_conv = dora.LYCORIS if to_format == "kohya" else dora.PEFT
