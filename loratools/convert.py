@@ -29,7 +29,7 @@ from loratools import dora
 from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.layers import LokrLayer, exact_svd, spectrum
+from loratools.layers import LohaLayer, LokrLayer, exact_svd, spectrum
 from loratools.linalg import RankRule, compute_dtype, lora_from_svd, svd, truncated_svd
 from loratools.stats import layer_type
 
@@ -226,6 +226,13 @@ def convert_adapter(
     out = Adapter(layers=layers, format=adapter.format, metadata=_metadata(adapter, layers),
                   config=_config(adapter), extra_tensors=dict(adapter.extra_tensors),
                   warnings=list(adapter.warnings), resolved=adapter.resolved, source=adapter.source)
+    flat = [n for n, la in adapter.layers.items()
+            if base is None and not la.is_conv and isinstance(la, (LohaLayer, LokrLayer))]
+    if flat:
+        out.warnings.append(
+            f"{len(flat)} LoHa/LoKr layer(s) (e.g. {flat[0]}) have 2-D factors and no --base: a conv stored "
+            "flattened as [r, in·kh·kw] is written as a linear LoRA; pass --base to get its kernel shape"
+        )
     if inexact:
         out.warnings.append(
             f"{len(inexact)} DoRA layer(s) (e.g. {inexact[0]}) moved between PEFT (no eps) and LyCORIS (‖V‖ + eps) "

@@ -141,3 +141,13 @@ def test_bias_diff_refused(tmp_path, cli):
     out = tmp_path / "o"
     cli.fails("convert", f, "--to", "peft", "-o", out, "--base", b, match="bias difference diff_b")
     assert not out.exists()
+
+
+def test_without_base_flattened_conv_warning(tmp_path, cli):
+    model, net, base = lycoris_net("loha")
+    f, _ = save_lycoris(net, base, tmp_path)
+    out = tmp_path / "k.safetensors"
+    res = cli.ok("convert", f, "--to", "kohya", "-o", out)
+    assert "pass --base to get its kernel shape" in res.stderr
+    sd = load_file(str(out))
+    assert sd["lycoris_conv.lora_down.weight"].shape[1] == 144
