@@ -200,6 +200,8 @@ class Adapter:
     warnings: list[str] = field(default_factory=list)
     resolved: bool = True
     source: str = ""
+    #: True when ``config`` was synthesized by loratools rather than written by PEFT itself
+    config_generated: bool = False
 
     @property
     def num_params(self) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -223,9 +223,8 @@ def convert_adapter(
                 new.meta[key] = layer.meta[key]
         layers[name] = new
         rows.append(asdict(row))
-    out = Adapter(layers=layers, format=adapter.format, metadata=_metadata(adapter, layers),
-                  config=_config(adapter), extra_tensors=dict(adapter.extra_tensors),
-                  warnings=list(adapter.warnings), resolved=adapter.resolved, source=adapter.source)
+    out = replace(adapter, layers=layers, metadata=_metadata(adapter, layers), config=_config(adapter),
+                  extra_tensors=dict(adapter.extra_tensors), warnings=list(adapter.warnings))
     flat = [n for n, la in adapter.layers.items()
             if base is None and not la.is_conv and isinstance(la, (LohaLayer, LokrLayer))]
     if flat:

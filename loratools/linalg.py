@@ -207,6 +207,14 @@ def randomized_svd(
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
+def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """‖A‖_F² accumulated in float64, ``chunk`` elements at a time (a float64 copy of the whole
+    matrix would double the memory of the largest layer)."""
+    flat = matrix.reshape(-1)
+    return sum(float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
+               for i in range(0, flat.numel(), chunk))
+
+
 RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
 
 
@@ -303,7 +311,7 @@ def truncated_svd(
     """
     a = matrix.to(compute_dtype(matrix.dtype))
     m, n = a.shape
-    total = float(a.double().square().sum()) if a.dtype != torch.float64 else float(a.square().sum())
+    total = frobenius_sq(a)
     cap = min(m, n, rule.max_rank or min(m, n))
     if exact or min(m, n) <= exact_below:
         u, s, vh = svd(a)

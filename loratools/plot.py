@@ -14,8 +14,13 @@ def module_type(name: str) -> str:
     return parts[-1] if parts else name
 
 
-def plot_spectra(layers: list[dict], out: str | Path, title: str = "", force: bool = False) -> None:
-    """Left: σᵢ/σ₁ per layer on a log axis, coloured by module type. Right: effective rank per layer."""
+def plot_spectra(layers: list[dict], out: str | Path, title: str = "", force: bool = False,
+                 outline_key: str = "rank", outline_label: str = "stored rank") -> None:
+    """Left: σᵢ/σ₁ per layer on a log axis, coloured by module type. Right: effective rank per layer.
+
+    The right panel outlines each bar with ``row[outline_key]`` (the stored rank for an adapter, an
+    energy rank for ``spectrum``); a missing effective rank (``None``) draws no bar.
+    """
     try:
         import matplotlib
 
@@ -42,15 +47,16 @@ def plot_spectra(layers: list[dict], out: str | Path, title: str = "", force: bo
     ax1.set_title("normalized singular values")
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8, title="module type")
-    names = [r["name"] for r in layers]
-    ax2.barh(range(len(layers)), [r["effective_rank"] for r in layers],
+    grouped = sorted(layers, key=lambda r: (module_type(r["name"]), r["name"]))
+    names = [r["name"] for r in grouped]
+    ax2.barh(range(len(grouped)), [r["effective_rank"] or 0 for r in grouped],
              color=[color[module_type(n)] for n in names])
-    ax2.barh(range(len(layers)), [r["rank"] for r in layers], fill=False, edgecolor="0.5", lw=0.6)
-    ax2.set_yticks(range(len(layers)))
-    ax2.set_yticklabels(names, fontsize=6 if len(layers) > 20 else 8)
+    ax2.barh(range(len(grouped)), [r[outline_key] or 0 for r in grouped], fill=False, edgecolor="0.5", lw=0.6)
+    ax2.set_yticks(range(len(grouped)))
+    ax2.set_yticklabels(names, fontsize=6 if len(grouped) > 20 else 8)
     ax2.invert_yaxis()
-    ax2.set_xlabel("effective rank (bars) vs stored rank (outline)")
-    ax2.set_title("entropy effective rank per layer")
+    ax2.set_xlabel(f"effective rank (bars) vs {outline_label} (outline)")
+    ax2.set_title("entropy effective rank per layer (grouped by module type)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

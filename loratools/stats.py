@@ -70,7 +70,8 @@ def layer_type(layer: Layer) -> str:
 
 def layer_report(name: str, layer: Layer, base_norm: float | None = None) -> dict:
     """One inspect row: identity of the layer plus its spectrum statistics."""
-    s = layer_spectrum(layer)
+    finite = all(bool(torch.isfinite(t).all()) for t in layer.tensors().values() if t.is_floating_point())
+    s = layer_spectrum(layer) if finite else torch.zeros(0)
     st = spectrum_stats(s)
     row: dict = {
         "name": name,
@@ -86,6 +87,9 @@ def layer_report(name: str, layer: Layer, base_norm: float | None = None) -> dic
         **asdict(st),
     }
     row["singular_values"] = [x for x in st.singular_values if x > 0]
+    if not finite:
+        row.update(fro_norm=float("nan"), spectral_norm=float("nan"), stable_rank=float("nan"),
+                   effective_rank=float("nan"), nonfinite=True)
     if base_norm is not None:
         row["base_fro_norm"] = base_norm
         row["relative_norm"] = st.fro_norm / base_norm if base_norm > 0 else None

@@ -11,6 +11,8 @@ an independent reference):
 * ``locon.safetensors``       a kohya LoCon adapter for it (3x3 and 1x1 convs + linears)
 * ``lycoris.safetensors``     a LyCORIS file for it: LoHa (plain and Tucker), LoKr (factored and both-full),
   Tucker LoCon, a full diff and an output-axis ``dora_scale`` (fp16, LyCORIS key names)
+* ``tuned/``           a "full fine-tune" of base/ (for ``extract`` / ``spectrum``): every projection moved
+  by the peft_lora delta plus small full-rank noise, the final norm changed, embeddings untouched
 
 Factors have decaying spectra so that ``inspect`` shows realistic effective ranks.
 """
@@ -207,12 +209,37 @@ def write_lycoris() -> None:
     save_file(sd, str(HERE / "lycoris.safetensors"), metadata=meta)
 
 
+def write_tuned(base: dict[str, torch.Tensor]) -> None:
+    """base + the peft_lora deltas (scale alpha/r) + 1e-3-relative full-rank noise; model.norm changed."""
+    g = gen(4)
+    lora = {}
+    g_lora = gen(1)  # replay write_lora's draws to get the same factors
+    for i in range(LAYERS):
+        for name, (o, n) in PROJ.items():
+            r = 4 if name.endswith("v_proj") else 8
+            lora[f"model.layers.{i}.{name}"] = lora_pair(g_lora, o, n, r)
+    sd = {}
+    for k, w in base.items():
+        mod = k[: -len(".weight")]
+        if mod in lora:
+            down, up = lora[mod]
+            w = w + 2.0 * up @ down + 1e-3 * w.std() * torch.randn(w.shape, generator=g)
+        elif mod == "model.norm":
+            w = w + 0.01 * torch.randn(w.shape, generator=g)
+        sd[k] = w.contiguous()
+    d = HERE / "tuned"
+    d.mkdir(exist_ok=True)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text((HERE / "base" / "config.json").read_text())
+
+
 def main() -> None:
     base = write_base()
     write_lora()
     write_dora(base)
     write_locon()
     write_lycoris()
+    write_tuned(base)
 
 
 if __name__ == "__main__":

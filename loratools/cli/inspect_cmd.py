@@ -51,6 +51,7 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
         plot_spectra(report["layers"], plot, title=str(adapter), force=force)
     if as_json:
         emit_json(clean_floats(report))
+        echo_warnings(report["summary"]["warnings"])
         return
     rows = []
     for r in report["layers"]:

@@ -141,6 +141,8 @@ def save_adapter(
 ) -> None:
     """Write ``adapter`` in ``format`` atomically (temp file/folder + rename)."""
     out = Path(out)
+    if format == "lycoris":  # LyCORIS files are kohya-layout files: LoRA layers (+ dora_scale) go back as kohya
+        format = "kohya"
     if format == "peft":
         peft.write(adapter, out, force, dtype)
     elif format == "kohya":

@@ -18,9 +18,11 @@ from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     COMPONENTS,
     atomic_path,
+    embed_peft_config,
     guess_component,
     save_safetensors,
     split_component,
+    take_peft_config,
 )
 
 _KEY = re.compile(
@@ -47,6 +49,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         slot = m["du"] or {"lora_A": "down", "lora_B": "up"}.get(m["ab"] or "", "alpha")
         parts.setdefault(m["mod"], {})[slot] = t
     adapter = Adapter(layers={}, format="diffusers", metadata=dict(metadata), source=source)
+    take_peft_config(adapter)
     for mod, p in parts.items():
         if "down" not in p or "up" not in p:
             raise LoraToolsError(f"{source}: {mod} has no lora {'down' if 'down' not in p else 'up'} tensor")
@@ -59,13 +62,18 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
             layer.meta["alpha_dtype"] = p["alpha"].dtype
         layer.meta["component"] = split_component(mod)[0]
         adapter.layers[mod] = layer
+    components = {layer.meta["component"] for layer in adapter.layers.values()}
+    if len(components) == 1 and None not in components:
+        # one model only: name layers by their module path in that model; the writer re-adds the prefix
+        adapter.layers = {split_component(n)[1]: la for n, la in adapter.layers.items()}
     return adapter
 
 
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None) -> None:
     if not adapter.resolved:
         raise LoraToolsError(
-            "layer names are kohya-mangled and were not resolved to module paths; pass --base CKPT to resolve them"
+            f"layer names are kohya-mangled (e.g. {next(iter(adapter.layers))}) and could not be resolved to module paths; "
+            "pass --base CKPT (the model the adapter was trained on) to resolve them"
         )
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter.layers.items():
@@ -82,4 +90,4 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             alpha = layer.scale * layer.rank
             tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=layer.meta.get("alpha_dtype") or (dtype or layer.dtype))
     with atomic_path(out, force, is_dir=False) as tmp:
-        save_safetensors(tensors, tmp, adapter.metadata)
+        save_safetensors(tensors, tmp, embed_peft_config(adapter, adapter.metadata))

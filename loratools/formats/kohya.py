@@ -21,12 +21,13 @@ from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     COMPONENT_PREFIX,
     KOHYA_PREFIXES,
-    PEFT_CONFIG_KEY,
     atomic_path,
+    embed_peft_config,
     guess_component,
     mangle,
     save_safetensors,
     split_component,
+    take_peft_config,
 )
 
 LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -59,14 +60,8 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         if suffix not in LORA_SUFFIXES:
             raise LoraToolsError(f"{source}: unknown key layout {key!r} (expected <stem>.lora_down.weight / .lora_up.weight / .alpha)")
         groups.setdefault(stem, {})[LORA_SUFFIXES[suffix]] = t
-    meta = dict(metadata)
-    config_json = meta.pop(PEFT_CONFIG_KEY, None)
-    adapter = Adapter(layers={}, format="kohya", metadata=meta, source=source, resolved=False)
-    if config_json:
-        try:
-            adapter.config = json.loads(config_json)
-        except json.JSONDecodeError:
-            adapter.warnings.append(f"metadata {PEFT_CONFIG_KEY} is not valid JSON; ignored")
+    adapter = Adapter(layers={}, format="kohya", metadata=dict(metadata), source=source, resolved=False)
+    take_peft_config(adapter)
     for stem, p in groups.items():
         if "down" not in p or "up" not in p:
             missing = "lora_down.weight" if "down" not in p else "lora_up.weight"
@@ -159,9 +154,7 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
 
 def build_metadata(adapter: Adapter) -> dict[str, str]:
     """Keep every ``ss_*`` key; rewrite dim/alpha only where they no longer describe the layers."""
-    meta = dict(adapter.metadata)
-    if adapter.config.get("peft_type"):
-        meta[PEFT_CONFIG_KEY] = json.dumps(adapter.config, sort_keys=True)
+    meta = embed_peft_config(adapter, adapter.metadata)
     linear = [la for la in adapter.layers.values() if not la.is_conv]
     conv = [la for la in adapter.layers.values() if la.is_conv]
     meta.setdefault("ss_network_module", "networks.lora")
@@ -172,9 +165,9 @@ def build_metadata(adapter: Adapter) -> dict[str, str]:
         alphas = {la.effective_alpha if not la.rslora else la.scale * la.rank for la in layers}
         dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
         alpha = _fmt(next(iter(alphas))) if len(alphas) == 1 else "Dynamic"
-        if _differs(meta.get(dim_key), dim):
+        if _differs(meta.get(dim_key), dim, {float(r) for r in ranks}):
             meta[dim_key] = dim
-        if _differs(meta.get(alpha_key), alpha):
+        if _differs(meta.get(alpha_key), alpha, alphas):
             meta[alpha_key] = alpha
     if conv:
         try:
@@ -194,10 +187,16 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _differs(old: str | None, new: str) -> bool:
+def _differs(old: str | None, new: str, present: set[float]) -> bool:
+    """Whether metadata value ``old`` no longer describes the layers (``present``: their values)."""
     if old is None:
         return True
+    if new == "Dynamic":
+        try:
+            return old != "Dynamic" and float(old) not in present
+        except ValueError:
+            return old != "Dynamic"
     try:
         return float(old) != float(new)
     except ValueError:
-        return old != new
+        return True

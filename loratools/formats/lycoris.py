@@ -29,6 +29,7 @@ import torch
 
 from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.errors import LoraToolsError
+from loratools.formats.common import take_peft_config
 from loratools.layers import LohaLayer, LokrLayer, TuckerLoraLayer
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -241,6 +242,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
             raise LoraToolsError(f"{source}: unknown key layout {key!r} (not a LoRA/LyCORIS tensor name)")
         groups.setdefault(stem, {})[suffix] = t
     adapter = Adapter(layers={}, format="lycoris", metadata=dict(metadata), source=source, resolved=False)
+    take_peft_config(adapter)
     for stem, p in groups.items():
         p.pop("scalar", None)
         layer = build_layer(p, f"{source}: {stem}")

@@ -19,7 +19,14 @@ import torch
 
 from loratools.adapter import Adapter, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.formats.common import PEFT_CONFIG_KEY, atomic_path, json_dumps, read_tensors, save_safetensors
+from loratools.formats.common import (
+    GENERATED_KEY,
+    PEFT_CONFIG_KEY,
+    atomic_path,
+    json_dumps,
+    read_tensors,
+    save_safetensors,
+)
 
 PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -73,6 +80,7 @@ def read(path: Path) -> Adapter:
         raise LoraToolsError(f"{path}: adapter_config.json found but no adapter_model.safetensors or adapter_model.bin")
     tensors, metadata = read_tensors(wfile)
     metadata.pop("format", None)
+    generated = metadata.pop(GENERATED_KEY, None) == "1"
     if ptype != "LORA":
         return _read_lycoris_type(tensors, metadata, config, wfile, path)
 
@@ -92,7 +100,8 @@ def read(path: Path) -> Adapter:
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
-    adapter = Adapter(layers={}, format="peft", metadata=metadata, config=config, extra_tensors=extra, source=str(path))
+    adapter = Adapter(layers={}, format="peft", metadata=metadata, config=config, extra_tensors=extra, source=str(path),
+                      config_generated=generated)
     for mod, p in parts.items():
         emb = "emb_A" in p or "emb_B" in p
         a_key, b_key = ("emb_A", "emb_B") if emb else ("lora_A", "lora_B")
@@ -184,7 +193,8 @@ def _alpha_for(layer: LoraLayer, rslora: bool) -> float:
     return layer.scale * (layer.rank**0.5 if rslora else layer.rank)
 
 
-def build_config(adapter: Adapter) -> dict:
+def build_config(adapter: Adapter) -> tuple[dict, bool]:
+    """The adapter_config.json for ``adapter``, and whether it was generated (vs. kept from PEFT)."""
     layers = adapter.layers
     rs = Counter(layer.rslora for layer in layers.values()).most_common(1)[0][0]
     dora = [layer.magnitude is not None for layer in layers.values()]
@@ -192,7 +202,7 @@ def build_config(adapter: Adapter) -> dict:
         raise LoraToolsError("PEFT cannot hold DoRA and plain LoRA layers in one adapter (use_dora is global)")
     source = dict(adapter.config) if adapter.config.get("peft_type") else {}
     if source and _describes(source, adapter, rs) and bool(source.get("use_dora", False)) == any(dora):
-        return source
+        return source, adapter.config_generated
     config = {**_DEFAULT_CONFIG, **{k: v for k, v in source.items() if k not in ("rank_pattern", "alpha_pattern")}}
     ranks = {n: layer.rank for n, layer in layers.items()}
     alphas = {n: _alpha_for(layer, rs) for n, layer in layers.items()}
@@ -209,13 +219,14 @@ def build_config(adapter: Adapter) -> dict:
     )
     if not (source and all(_targets(source, n) for n in layers)):
         config["target_modules"] = sorted(layers)
-    return config
+    return config, True
 
 
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None) -> None:
     if not adapter.resolved:
         raise LoraToolsError(
-            "layer names are kohya-mangled and were not resolved to module paths; pass --base CKPT to resolve them"
+            f"layer names are kohya-mangled (e.g. {next(iter(adapter.layers))}) and could not be resolved to module paths; "
+            "pass --base CKPT (the model the adapter was trained on) to resolve them"
         )
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter.layers.items():
@@ -238,10 +249,12 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             tensors[stem + ".lora_B.weight"] = cast(layer.up)
         if layer.magnitude is not None:
             tensors[stem + ".lora_magnitude_vector"] = cast(layer.magnitude)
-    config = build_config(adapter)
+    config, generated = build_config(adapter)
     for k, t in adapter.extra_tensors.items():
         tensors[k] = t
     metadata = {**{k: v for k, v in adapter.metadata.items() if k != PEFT_CONFIG_KEY}, "format": "pt"}
+    if generated:
+        metadata[GENERATED_KEY] = "1"
     with atomic_path(out, force, is_dir=True) as tmp:
         save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata)
         (tmp / "adapter_config.json").write_text(json_dumps(config) + "\n")

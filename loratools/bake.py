@@ -1,0 +1,158 @@
+"""Library side of ``bake``: write base + Σ wᵢ·ΔWᵢ as a full checkpoint in the base's own layout.
+
+Streaming: the base is read one weight file (shard) at a time, through memory maps; each shard is
+rewritten with the same keys, order and header metadata, and freed before the next. Tensors no
+adapter touches are copied unchanged; touched ones are updated in float32 (float64 for float64
+weights) and cast back to the base dtype (or ``dtype``). A sharded base gets the same shard names
+and a rewritten ``*.index.json`` (``total_size`` recomputed); every other top-level file (config,
+tokenizer, generation config, ...) is copied.
+
+Adapters are applied in the order given, as PEFT's ``merge_and_unload`` merges active adapters:
+plain layers add ``w·ΔW``; a DoRA layer (PEFT: magnitude per output row) replaces the weight with
+``m ⊙ (W + w·ΔW) / ‖W + w·ΔW‖_row`` — PEFT's merge formula (``w = 1`` reproduces PEFT exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter, Layer
+from loratools.checkpoint import Checkpoint, open_safetensors, safe_load_pickle
+from loratools.errors import LoraToolsError
+from loratools.formats import load_adapter
+from loratools.formats.common import atomic_path, check_output, save_safetensors, split_component
+
+Progress = Callable[[Iterable, int], Iterable]
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: list[str]) -> dict[str, list[tuple[Layer, float]]]:
+    """{base weight key → [(layer, weight), ...]}; refuses anything that would not apply cleanly."""
+    modules = ckpt.modules()
+    plan: dict[str, list[tuple[Layer, float]]] = {}
+    for (ad, w), label in zip(adapters, labels):
+        if ad.extra_tensors:
+            raise LoraToolsError(
+                f"{label}: carries {len(ad.extra_tensors)} modules_to_save / extra tensor(s) "
+                f"(e.g. {next(iter(ad.extra_tensors))}); bake applies LoRA deltas only, refusing rather than dropping them"
+            )
+        for name, layer in ad.layers.items():
+            key = modules.get(split_component(name)[1]) or modules.get(name)
+            if key is None:
+                hint = " (kohya names that did not resolve)" if layer.meta.get("kohya_stem") == name else ""
+                raise LoraToolsError(f"{label}: layer {name}{hint} matches no weight of base {ckpt.path}")
+            shape = tuple(ckpt.shape(key))
+            if shape != tuple(layer.shape):
+                raise LoraToolsError(
+                    f"{label}: layer {name} has shape {'×'.join(map(str, layer.shape))} but base {key} is "
+                    f"{'×'.join(map(str, shape))}; adapter for another base model?"
+                )
+            if layer.magnitude is not None:
+                if getattr(layer, "embedding", False) or (layer.magnitude_axis != "out" and layer.is_conv):
+                    what = "an embedding" if getattr(layer, "embedding", False) else "a conv layer"
+                    raise LoraToolsError(f"{label}: DoRA on {name} ({what}, magnitude per {layer.magnitude_axis}) "
+                                         "is not supported by bake; refusing rather than guessing its normalisation")
+            plan.setdefault(key, []).append((layer, w))
+    return plan
+
+
+def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float]]) -> torch.Tensor:
+    """``weight`` with each (layer, w) applied in order (DoRA layers renormalise; see module doc)."""
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w_mat = weight.to(work).reshape(weight.shape[0], -1)
+    for layer, w in items:
+        left, right = layer.factors(work)
+        merged = w_mat + w * (left @ right.T)
+        if layer.magnitude is not None:
+            axis = 1 if layer.magnitude_axis == "out" else 0
+            norm = merged.norm(dim=axis, keepdim=True)
+            mag = layer.magnitude.to(work).reshape(norm.shape)
+            merged = merged * (mag / norm)
+        w_mat = merged
+    return w_mat.reshape(weight.shape)
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], list[str]]:
+    if path.suffix == ".safetensors":
+        f = open_safetensors(path)
+        return None, dict(f.metadata() or {}), list(f.keys())
+    sd = safe_load_pickle(path)
+    return sd, {}, list(sd)
+
+
+def bake(
+    base: str | Path,
+    adapters: list[tuple[str | Path, float]],
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
+    out = check_output(out, force)
+    ckpt = Checkpoint(base)
+    loaded = [(load_adapter(p, base=ckpt), float(w)) for p, w in adapters]
+    labels = [str(p) for p, _ in adapters]
+    plan = plan_bake(ckpt, loaded, labels)
+    is_dir = ckpt.path.is_dir()
+    modified = 0
+    total_size = 0
+    weight_map: dict[str, str] = {}
+    with atomic_path(out, force, is_dir=is_dir) as tmp:
+        files = list(ckpt.files)
+        for f in (progress(files, len(files)) if progress else files):
+            state, meta, keys = _read_file(f)
+            handle = open_safetensors(f) if state is None else None
+            tensors: dict[str, torch.Tensor] = {}
+            for k in keys:
+                t = state[k] if state is not None else handle.get_tensor(k)
+                target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+                if k in plan:
+                    t = apply_layers(t, plan[k])
+                    modified += 1
+                tensors[k] = t.to(target)
+                total_size += tensors[k].numel() * tensors[k].element_size()
+                weight_map[k] = f.name
+            dest = tmp / f.name if is_dir else tmp
+            if f.suffix == ".safetensors":
+                save_safetensors(tensors, dest, meta)
+            else:
+                torch.save(tensors, dest)
+            del tensors, state, handle
+        if is_dir:
+            _copy_folder_files(ckpt, tmp, weight_map, total_size, dtype)
+    return {
+        "base": str(base), "output": str(out), "files": len(ckpt.files), "tensors": len(weight_map),
+        "modified": modified, "layers": sum(len(v) for v in plan.values()),
+        "adapters": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}
+                     for p, (ad, w) in zip(labels, loaded)],
+        "dtype": DTYPE_NAMES.get(dtype, str(dtype)) if dtype is not None else "kept",
+        "warnings": [w for ad, _ in loaded for w in ad.warnings],
+    }
+
+
+def _copy_folder_files(ckpt: Checkpoint, tmp: Path, weight_map: dict[str, str], total_size: int,
+                       dtype: torch.dtype | None) -> None:
+    """Copy non-weight top-level files; rewrite the shard index and (with --dtype) config.json's dtype."""
+    weights = {f.name for f in ckpt.files}
+    for src in sorted(ckpt.path.iterdir()):
+        if not src.is_file() or src.name in weights:
+            continue
+        if ckpt.index_file is not None and src == ckpt.index_file:
+            index = json.loads(src.read_text())
+            index.setdefault("metadata", {})["total_size"] = total_size
+            index["weight_map"] = {k: weight_map[k] for k in index["weight_map"]}
+            (tmp / src.name).write_text(json.dumps(index, indent=2) + "\n")
+        elif src.name == "config.json" and dtype is not None:
+            cfg = json.loads(src.read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = DTYPE_NAMES.get(dtype, cfg[key])
+            (tmp / src.name).write_text(json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copy2(src, tmp / src.name)

@@ -1,0 +1,122 @@
+"""``loratools extract``: a LoRA adapter from a full fine-tune (BASE vs TUNED checkpoints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from loratools.cli.common import (
+    clean_floats,
+    dtype_option,
+    echo_warnings,
+    emit_json,
+    fmt,
+    force_option,
+    handle_errors,
+    json_option,
+    main,
+    make_rule,
+    parse_dtype,
+    progress,
+    quiet_option,
+    rank_rule_options,
+)
+from loratools.errors import LoraToolsError
+from loratools.linalg import RankRule
+
+DEFAULT_RANK = 16
+
+
+def checkpoint_options(fn):
+    """--base / --tuned / --include / --exclude / --device / --seed, shared with ``spectrum``."""
+    for opt in reversed([
+        click.option("--base", required=True, type=click.Path(), help="Base checkpoint (HF folder, sharded folder or .safetensors)."),
+        click.option("--tuned", required=True, type=click.Path(), help="Fine-tuned checkpoint of the same architecture."),
+        click.option("--include", multiple=True, metavar="GLOB", help="Only modules/keys matching this glob (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Skip modules/keys matching this glob (repeatable)."),
+        click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
+                     help="Where the diffs and SVDs are computed (layer by layer; results come back to CPU)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD sketch."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("extract")
+@checkpoint_options
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output: PEFT folder or kohya .safetensors file.")
+@rank_rule_options
+@click.option("--conv-rank", type=int, default=None, help="Fixed rank for conv layers (default: the main rule).")
+@click.option("--format", "out_format", default="peft", type=click.Choice(["peft", "kohya"]), show_default=True)
+@dtype_option
+@click.option("--exact", is_flag=True, help="Exact thin SVD for every layer instead of the randomized one.")
+@click.option("--clamp-quantile", type=float, default=None, metavar="Q",
+              help="Clip the factors at the Q-quantile of their |values| (off by default; hurts fidelity).")
+@click.option("--save-full", multiple=True, metavar="GLOB",
+              help="Store matching modules in full (PEFT modules_to_save), e.g. '*norm*' or lm_head.")
+@click.option("--min-diff", type=float, default=0.0, show_default=True,
+              help="Skip layers with ‖ΔW‖/‖W_base‖ below this (exactly unchanged layers are always skipped).")
+@json_option
+@force_option
+@quiet_option
+@handle_errors
+def extract_command(base, tuned, include, exclude, device, seed, out, rank, energy, ratio, threshold, max_rank,
+                    conv_rank, out_format, dtype, exact, clamp_quantile, save_full, min_diff, as_json, force, quiet):
+    """Extract a LoRA approximating TUNED − BASE by (randomized) truncated SVD, layer by layer.
+
+    Rank rule: --rank N (default 16), --energy F (keep F of ‖ΔW‖_F²), --ratio R (σᵢ ≥ σ₁/R) or
+    --threshold T (σᵢ ≥ T), capped by --max-rank. The report gives each layer's rank, retained
+    energy Σσᵢ²/‖ΔW‖² and relative Frobenius error (the Eckart–Young optimum for that rank).
+    """
+    from loratools.extract import ExtractOptions, extract, output_size
+    from loratools.formats import save_adapter
+    from loratools.formats.common import check_output
+
+    out_path = check_output(out, force)
+    rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
+    if conv_rank is not None and conv_rank < 1:
+        raise LoraToolsError(f"--conv-rank must be ≥ 1, got {conv_rank}")
+    options = ExtractOptions(
+        rule=rule, conv_rule=RankRule("rank", conv_rank, max_rank) if conv_rank else None,
+        include=list(include), exclude=list(exclude), save_full=list(save_full), device=device,
+        dtype=parse_dtype(dtype), exact=exact, seed=seed, clamp_quantile=clamp_quantile, min_diff=min_diff,
+        format=out_format,
+    )
+    result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet or as_json))
+    save_adapter(result.adapter, out_path, out_format, force=force)
+    s = result.summary
+    s["output"] = str(out_path)
+    s["file_size_bytes"] = output_size(Path(out_path))
+    if as_json:
+        emit_json(clean_floats({"layers": result.layers, "skipped": result.skipped,
+                                "changed_vectors": result.changed_vectors, "summary": s,
+                                "warnings": result.adapter.warnings}))
+        return
+    rows = [[r["name"], r["kind"], "×".join(map(str, r["shape"])), r["rank"], f"{r['retained_energy']:.4f}",
+             fmt(r["relative_error"], 3), fmt(r["relative_norm"], 3)] for r in result.layers]
+    click.echo(tabulate(rows, headers=["layer", "kind", "shape", "rank", "energy kept", "rel. error", "‖ΔW‖/‖W‖"],
+                        disable_numparse=True))
+    if result.changed_vectors:
+        click.echo("\nchanged 1-D tensors (" + ("saved in full" if any(v["saved"] for v in result.changed_vectors)
+                                               else "not in the adapter; --save-full GLOB stores them") + "):")
+        click.echo(tabulate([[v["name"], fmt(v["relative_norm"], 3), "yes" if v["saved"] else "no"]
+                             for v in result.changed_vectors], headers=["tensor", "‖Δ‖/‖W‖", "saved"],
+                            disable_numparse=True))
+    if result.skipped:
+        click.echo("\nskipped:")
+        click.echo(tabulate([[k["name"], k["reason"]] for k in result.skipped], headers=["tensor", "reason"]))
+    click.echo("")
+    lines = [
+        ("output", f"{s['output']} ({s['format']}, {s['file_size_bytes']:,} bytes)"),
+        ("rule", s["rule"] + (f"; conv: {s['conv_rule']}" if s["conv_rule"] else "")),
+        ("layers", f"{s['layers']} LoRA, {len(s['saved_full'])} module(s) in full, {s['skipped']} skipped"),
+        ("adapter params", f"{s['params']:,} ({s['lora_params']:,} LoRA + {s['full_params']:,} full)"),
+        ("retained energy", f"mean {s['mean_retained_energy']:.4f}, min {s['min_retained_energy']:.4f}"),
+        ("wall time", f"{s['wall_time_s']:.2f} s on {s['device']}"),
+    ]
+    if "clipped_values" in s:
+        lines.append(("clamp", f"{s['clipped_values']:,} factor values clipped at quantile {clamp_quantile}"))
+    click.echo(tabulate(lines, tablefmt="plain"))
+    echo_warnings(result.adapter.warnings)

@@ -1,0 +1,118 @@
+"""``loratools merge``: weighted merges of adapters with PEFT's ``add_weighted_adapter`` methods."""
+
+from __future__ import annotations
+
+import click
+import torch
+from tabulate import tabulate
+
+from loratools.checkpoint import Checkpoint
+from loratools.cli.common import (
+    clean_floats,
+    dtype_option,
+    echo_warnings,
+    emit_json,
+    fmt,
+    force_option,
+    handle_errors,
+    json_option,
+    main,
+    nonfinite_option,
+    parse_dtype,
+    progress,
+    quiet_option,
+)
+from loratools.errors import LoraToolsError
+from loratools.formats import FORMATS, load_adapter, save_adapter
+from loratools.formats.common import check_output
+from loratools.merge import METHODS, merge_adapters, parse_weighted_spec
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → cuda when available, else cpu; an unavailable cuda is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraToolsError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+    return device
+
+
+HELP = """Merge weighted adapters A[:W] B[:W] ... into one LoRA (PEFT add_weighted_adapter semantics).
+
+\b
+Exact methods (the delta is Σ wᵢ·ΔWᵢ; computed on the factors, no dense ΔW):
+  svd (default)  concatenate the weighted factors (rank Σrᵢ), QR + small SVD, keep --rank
+                 (default: the largest input rank); exact when --rank ≥ the merged rank,
+                 otherwise the best rank-k approximation (Eckart–Young)
+  cat            concatenate the weighted factors: rank Σrᵢ, exact; with --rank: as svd
+\b
+Approximations (PEFT semantics; the report gives their relative error vs Σ wᵢ·ΔWᵢ):
+  linear, ties, dare_linear, dare_ties, magnitude_prune
+                 combine the A's and the B's separately (√(w·scale) weights, sign on A):
+                 the product has cross terms BᵢAⱼ; need equal ranks
+  ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
+                 prune / elect signs on the dense per-layer ΔWᵢ (streamed layer by layer on
+                 --device), then truncated SVD back to --rank
+\b
+Modules are the union of the inputs (a missing module counts as zero). Kohya and PEFT inputs can
+be mixed; names are matched by their mangled form, or resolved against --base.
+"""
+
+
+@main.command("merge", help=HELP)
+@click.argument("specs", nargs=-1, required=True, metavar="A[:W] B[:W] ...")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file or folder.")
+@click.option("--method", default="svd", show_default=True, type=click.Choice(METHODS), help="Merge method.")
+@click.option("--rank", type=int, default=None, help="Output rank (svd family: default max input rank).")
+@click.option("--density", type=float, default=None, help="Fraction kept by ties/dare/magnitude_prune, in (0, 1].")
+@click.option("--majority-sign", default="total", show_default=True, type=click.Choice(["total", "frequency"]),
+              help="TIES sign election.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for DARE draws and randomized SVD.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] for the dense per-layer work.")
+@click.option("--exact-svd", is_flag=True, help="Full SVD instead of a randomized sketch for the dense *_svd methods.")
+@click.option("--format", "out_format", default=None, type=click.Choice(FORMATS),
+              help="Output format (default: the first input's).")
+@click.option("--base", type=click.Path(), default=None, help="Base checkpoint to resolve kohya names.")
+@dtype_option
+@force_option
+@nonfinite_option
+@json_option
+@quiet_option
+@handle_errors
+def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, base,
+                  dtype, force, allow_nonfinite, as_json, quiet):
+    parsed = [parse_weighted_spec(s) for s in specs]
+    out_path = check_output(out, force)
+    dt = parse_dtype(dtype)
+    dev = resolve_device(device)
+    ckpt = Checkpoint(base) if base else None
+    inputs = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite), w) for p, w in parsed]
+    merged, report = merge_adapters(
+        inputs, method=method, rank=rank, density=density, majority_sign=majority_sign, seed=seed, device=dev,
+        exact_svd=exact_svd, labels=[p for p, _ in parsed],
+        progress=lambda it, n: progress(it, n, "merge", quiet or as_json),
+    )
+    fmt_out = out_format or merged.format
+    save_adapter(merged, out_path, fmt_out, force=force, dtype=dt)
+    doc = {"inputs": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}
+                      for (p, w), (ad, _) in zip(parsed, inputs)],
+           "output": str(out_path), "format": fmt_out, "params": merged.num_params, **report.as_dict()}
+    doc["warnings"] = merged.warnings
+    if as_json:
+        emit_json(clean_floats(doc))
+        return
+    rows = [[r.name, r.inputs, r.rank, fmt(r.fro_norm), fmt(r.relative_error, 3)] for r in report.layers]
+    click.echo(tabulate(rows, headers=["layer", "inputs", "rank", "‖Σ wᵢΔWᵢ‖F", "rel. error"], disable_numparse=True))
+    t = report.totals()
+    click.echo("")
+    click.echo(tabulate([
+        ("method", f"{report.method} ({'exact' if report.exact else 'approximation'})"),
+        ("inputs", ", ".join(f"{p} × {w:g}" for p, w in parsed)),
+        ("layers", t["layers"]),
+        ("ranks", ", ".join(map(str, t["ranks"]))),
+        ("relative error vs Σ wᵢΔWᵢ", f"{fmt(t['relative_error'], 3)} (max layer {fmt(t['max_layer_relative_error'], 3)})"),
+        ("params", f"{merged.num_params:,}"),
+        ("device", report.device),
+        ("output", f"{out_path} ({fmt_out})"),
+    ], tablefmt="plain"))
+    echo_warnings(merged.warnings)

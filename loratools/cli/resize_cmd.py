@@ -1,0 +1,104 @@
+"""``loratools resize``: exact factored rank reduction, pruning and filtering of an adapter."""
+
+from __future__ import annotations
+
+import click
+from tabulate import tabulate
+
+from loratools.cli.common import (
+    clean_floats,
+    dtype_option,
+    echo_warnings,
+    emit_json,
+    fmt,
+    force_option,
+    format_option,
+    handle_errors,
+    json_option,
+    main,
+    make_rule,
+    nonfinite_option,
+    parse_dtype,
+    progress,
+    quiet_option,
+    rank_rule_options,
+)
+from loratools.errors import LoraToolsError
+from loratools.formats import FORMATS, load_adapter, save_adapter
+from loratools.formats.common import check_output
+from loratools.linalg import RankRule
+from loratools.resize import Prune, adapter_bytes, resize_adapter
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+@main.command("resize")
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file or folder (same format).")
+@rank_rule_options
+@click.option("--conv-rank", type=int, default=None, help="Fixed rank for conv layers (other rules apply to linears).")
+@click.option("--prune-below", default=None, metavar="NORM",
+              help="Drop layers with ‖ΔW‖_F below NORM; 'N%' (or --prune-relative) is relative to the largest layer.")
+@click.option("--prune-relative", is_flag=True, help="Read --prune-below as a fraction of the largest ‖ΔW‖_F.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Keep only layers whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Drop layers whose name matches (repeatable).")
+@click.option("--to", "to_format", default=None, type=click.Choice(FORMATS), help="Output format (default: the input's).")
+@click.option("--base", type=click.Path(), default=None, help="Base checkpoint to resolve kohya names (optional).")
+@format_option
+@dtype_option
+@force_option
+@nonfinite_option
+@json_option
+@quiet_option
+@handle_errors
+def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_rank, prune_below, prune_relative,
+                   include, exclude, to_format, base, in_format, dtype, force, allow_nonfinite, as_json, quiet):
+    """Resize ADAPTER exactly in factored space (QR of both factors + small SVD; ΔW is never formed).
+
+    Each kept layer becomes the best rank-k approximation of its ΔW (Eckart–Young), stored as
+    up = U√Σ, down = √Σ Vᵀ with alpha = k (scale 1; rsLoRA adapters keep rsLoRA with alpha = √k).
+    Layers whose rank does not change are copied bit-exactly. Format and metadata are kept
+    (kohya ss_network_dim/alpha and PEFT r/lora_alpha/rank_pattern are updated).
+    """
+    out_path = check_output(out, force)
+    rule = make_rule(rank, energy, ratio, threshold, max_rank)
+    conv_rule = RankRule("rank", float(conv_rank), max_rank) if conv_rank is not None else None
+    prune = Prune.parse(prune_below, prune_relative) if prune_below is not None else None
+    if rule is None and conv_rule is None and prune is None and not include and not exclude:
+        raise LoraToolsError("nothing to do: give a rank rule (--rank/--energy/--ratio/--threshold/--max-rank), "
+                             "--conv-rank, --prune-below or --include/--exclude")
+    dt = parse_dtype(dtype)
+    ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite)
+    new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
+                                 progress=lambda it, n: progress(it, n, "resize", quiet or as_json))
+    fmt_out = to_format or ad.format
+    save_adapter(new, out_path, fmt_out, force=force, dtype=dt)
+    totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))
+    warnings = list(ad.warnings) + report.warnings
+    if as_json:
+        emit_json(clean_floats({"input": str(adapter), "output": str(out_path), "format": fmt_out,
+                                **report.as_dict(), "totals": totals, "warnings": warnings}))
+        return
+    rows = [[r.name, r.kind, "×".join(map(str, r.shape)), f"{r.old_rank} -> {r.new_rank}", fmt(r.fro_norm),
+             fmt(r.retained_energy, 6), fmt(r.relative_error, 4), r.action] for r in report.layers]
+    click.echo(tabulate(rows, headers=["layer", "type", "shape", "rank", "‖ΔW‖F", "retained energy",
+                                       "rel. error", "action"], disable_numparse=True))
+    t = totals
+    click.echo("")
+    click.echo(tabulate([
+        ("rule", report.rule),
+        ("layers", f"{t['layers_in']} -> {t['layers_out']} ({t['resized']} resized, {t['pruned']} pruned, "
+                   f"{t['excluded']} excluded)"),
+        ("params", f"{t['params_before']:,} -> {t['params_after']:,}"),
+        ("size", f"{_size(t['bytes_before'])} -> {_size(t['bytes_after'])}"),
+        ("retained energy", fmt(t["retained_energy"], 6)),
+        ("relative error", fmt(t["relative_error"], 4)),
+        ("output", f"{out_path} ({fmt_out})"),
+    ], tablefmt="plain"))
+    echo_warnings(warnings)

@@ -1,0 +1,540 @@
+"""Library side of ``extract`` and ``spectrum``: LoRA from a full fine-tune (DESIGN.md §4–5).
+
+Algorithm, one layer pair at a time (peak memory: a few copies of the largest layer, not a model):
+
+1. **Pair** the tensors of BASE and TUNED by key (:func:`pair_tensors`): keys on one side only,
+   shape mismatches and non-float tensors are reported and skipped; if no tensor pairs up at all
+   the checkpoints belong to different architectures and nothing is done.
+2. **Stream** each pair with plain positioned reads (:class:`TensorStream`, no memory map, so the
+   resident set stays at the current layer), upcast to float32 on the chosen device and subtract:
+   ``ΔW = W_tuned − W_base``. NaN/Inf in either input is an error naming the file and key.
+3. **Decompose** ``ΔW`` (flattened to [out, in·kh·kw] for convs) with
+   :func:`loratools.linalg.truncated_svd`: exact ‖ΔW‖_F², then a seeded randomized SVD
+   (Halko–Martinsson–Tropp) whose sketch grows until the :class:`~loratools.linalg.RankRule` is
+   decided, or an exact thin SVD for small layers / ``exact=True``. By Eckart–Young the kept
+   triplets are the best rank-k approximation, with relative error √(1 − Σ_{i≤k}σᵢ²/‖ΔW‖²).
+4. **Store** the kept triplets as a LoRA layer (balanced √Σ split, alpha = rank so scale 1;
+   conv down [k, in, kh, kw] / up [out, k, 1, 1], the kohya LoCon and PEFT layout; embeddings as
+   PEFT ``lora_embedding_A/B``). Optional clamp of the factors at an exact quantile of |values|.
+   When the stored factors differ from the float32 truncation (half-precision output, clamp) the
+   error reported is measured on the stored factors, block by block, without forming ``L Rᵀ``.
+5. Modules matched by ``save_full`` are stored in full (PEFT ``modules_to_save``); changed 1-D
+   tensors (biases, norms) are listed, and stored in full when their module matches ``save_full``.
+   Zero diffs (or ‖ΔW‖/‖W‖ below ``min_diff``) are skipped. Keys holding identical data on both
+   sides (tied weights saved twice) are decomposed once and the factors reused.
+
+The functions return plain data (:class:`ExtractResult`, dict rows); the CLI renders them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter, LoraLayer
+from loratools.checkpoint import DTYPES, Checkpoint
+from loratools.errors import LoraToolsError
+from loratools.linalg import RankRule, frobenius_sq, lora_from_svd, randomized_svd, truncated_svd
+from loratools.stats import spectrum_stats
+
+Progress = Callable[[Iterable, int], Iterable]
+
+#: last name component of modules that are ``nn.Embedding`` in common architectures
+EMBEDDING_NAMES = re.compile(
+    r"(^|\.)(embed_tokens|embed_in|embed_positions|tok_embeddings|wte|wpe|word_embeddings|"
+    r"position_embeddings|token_type_embeddings|shared)$"
+)
+#: ranks tabulated by ``spectrum`` ("rank r → energy kept / params")
+TABLE_RANKS = (4, 8, 16, 32, 64, 128, 256)
+
+
+# ---------------------------------------------------------------------------------------- reading
+class TensorStream:
+    """Reads one tensor at a time from a :class:`Checkpoint` with plain positioned reads.
+
+    safetensors data is read with ``readinto`` straight into a fresh tensor (no memory map), so
+    pages of layers already processed never count against the process's resident set. Other
+    file types go through :meth:`Checkpoint.get` (``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self._headers: dict[Path, tuple[int, dict]] = {}
+
+    def _header(self, f: Path) -> tuple[int, dict]:
+        if f not in self._headers:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                self._headers[f] = (8 + n, json.loads(fh.read(n)))
+        return self._headers[f]
+
+    def owns(self, key: str) -> bool:
+        """Whether :meth:`read` returns a fresh buffer the caller may modify in place."""
+        return self.ckpt.file_of(key).suffix == ".safetensors"
+
+    def read(self, key: str) -> torch.Tensor:
+        f = self.ckpt.file_of(key)
+        if f.suffix != ".safetensors":
+            return self.ckpt.get(key)
+        start, header = self._header(f)
+        info = header[key]
+        dtype = DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise LoraToolsError(f"{f}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        a, b = info["data_offsets"]
+        buf = torch.empty(b - a, dtype=torch.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(start + a)
+            got = fh.readinto(memoryview(buf.numpy())) if b > a else 0
+        if got != b - a:
+            raise LoraToolsError(f"{f}: tensor {key!r} is truncated ({got} of {b - a} bytes; file incomplete?)")
+        return buf.view(dtype).reshape(info["shape"])
+
+
+# ---------------------------------------------------------------------------------------- pairing
+@dataclass
+class TensorPair:
+    """A tensor present in both checkpoints with the same shape."""
+
+    key: str
+    module: str
+    shape: tuple[int, ...]
+    kind: str  # linear | conv | embedding | vector
+
+
+def module_of(key: str) -> str:
+    """``a.b.weight`` → ``a.b`` (the module path a parameter belongs to)."""
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+def tensor_kind(key: str, shape: tuple[int, ...]) -> str:
+    if len(shape) <= 1 or not key.endswith(".weight"):
+        return "vector" if len(shape) <= 1 else "other"
+    if len(shape) > 2:
+        return "conv"
+    return "embedding" if EMBEDDING_NAMES.search(module_of(key)) else "linear"
+
+
+def matches(name: str, key: str, globs: Iterable[str]) -> bool:
+    """Whether a module name or tensor key matches any of the shell-style ``globs``."""
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(key, g) for g in globs)
+
+
+def pair_tensors(
+    base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = ()
+) -> tuple[list[TensorPair], list[dict]]:
+    """Tensors to compare, in TUNED's key order, and ``{"name", "reason"}`` rows for the rest."""
+    include, exclude = list(include), list(exclude)
+    bkeys, tkeys = set(base.keys()), tuned.keys()
+    pairs: list[TensorPair] = []
+    skipped: list[dict] = []
+    common = 0
+    for key in tkeys:
+        if key not in bkeys:
+            skipped.append({"name": key, "reason": "only in tuned checkpoint"})
+            continue
+        bs, ts = tuple(base.shape(key)), tuple(tuned.shape(key))
+        if bs != ts:
+            skipped.append({"name": key, "reason": f"shape mismatch: base {list(bs)} vs tuned {list(ts)}"})
+            continue
+        if not (base.dtype(key).is_floating_point and tuned.dtype(key).is_floating_point):
+            skipped.append({"name": key, "reason": f"not a float tensor ({tuned.dtype(key)})"})
+            continue
+        common += 1
+        mod = module_of(key)
+        if include and not matches(mod, key, include):
+            continue
+        if exclude and matches(mod, key, exclude):
+            skipped.append({"name": key, "reason": "excluded by --exclude"})
+            continue
+        pairs.append(TensorPair(key, mod, ts, tensor_kind(key, ts)))
+    tset = set(tkeys)
+    skipped += [{"name": k, "reason": "only in base checkpoint"} for k in base.keys() if k not in tset]
+    if common == 0:
+        example = next((s["name"] + ": " + s["reason"] for s in skipped), "both are empty")
+        raise LoraToolsError(
+            f"architecture mismatch: no tensor of {tuned.path} matches {base.path} by name and shape "
+            f"({len(base.keys())} vs {len(tset)} keys; e.g. {example})"
+        )
+    if not pairs:
+        raise LoraToolsError(f"no tensor left to compare after --include {include} / --exclude {exclude}")
+    return pairs, skipped
+
+
+# ---------------------------------------------------------------------------------------- clamp
+def exact_quantile(x: torch.Tensor, q: float) -> float:
+    """``torch.quantile(x, q)`` (linear interpolation) for any size, via two ``kthvalue`` selections.
+
+    ``torch.quantile`` refuses inputs above 2^24 elements; selection is O(n) and has no such limit.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        raise LoraToolsError("quantile of an empty tensor")
+    if not 0 <= q <= 1:
+        raise LoraToolsError(f"--clamp-quantile must be in [0, 1], got {q}")
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    v_lo = float(torch.kthvalue(flat, lo + 1).values)
+    v_hi = float(torch.kthvalue(flat, hi + 1).values) if hi != lo else v_lo
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def clamp_factors(up: torch.Tensor, down: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Clip both factors to ±(q-quantile of |values| over both); returns the number of values clipped."""
+    mags = torch.cat([up.reshape(-1).abs(), down.reshape(-1).abs()])
+    limit = exact_quantile(mags, q)
+    clipped = int((mags > limit).sum())
+    return up.clamp(-limit, limit), down.clamp(-limit, limit), clipped
+
+
+def residual_sq(diff: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block: int = 2048) -> float:
+    """‖ΔW − L Rᵀ‖_F² accumulated over row blocks in float64 (never forms the full L Rᵀ)."""
+    total = 0.0
+    for i in range(0, diff.shape[0], block):
+        total += frobenius_sq(diff[i : i + block] - left[i : i + block] @ right.T)
+    return total
+
+
+# ---------------------------------------------------------------------------------------- extract
+@dataclass
+class ExtractOptions:
+    """Everything ``extract`` needs besides the two checkpoints (CLI flags map one to one)."""
+
+    rule: RankRule = field(default_factory=lambda: RankRule("rank", 16))
+    conv_rule: RankRule | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    save_full: list[str] = field(default_factory=list)
+    device: str = "auto"
+    dtype: torch.dtype | None = None
+    exact: bool = False
+    seed: int = 0
+    clamp_quantile: float | None = None
+    min_diff: float = 0.0
+    format: str = "peft"
+
+
+@dataclass
+class ExtractResult:
+    adapter: Adapter
+    layers: list[dict]
+    skipped: list[dict]
+    changed_vectors: list[dict]
+    full: list[str]
+    summary: dict
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraToolsError("--device cuda requested but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise LoraToolsError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _read_diff(
+    bstream: TensorStream, tstream: TensorStream, key: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``(W_base, ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` holding two layer-sized buffers, not three.
+
+    ΔW is computed in place in TUNED's freshly read buffer when it is already float32 on the device.
+    Finiteness is checked through the two norms (NaN/Inf in either input makes one of them
+    non-finite), and only then located tensor by tensor for the error message.
+    """
+    w_base = bstream.read(key)
+    wb = w_base.to(device=device, dtype=torch.float32)
+    raw = tstream.read(key)
+    wt = raw.to(device=device, dtype=torch.float32)
+    diff = wt.sub_(wb) if (wt is not raw or tstream.owns(key)) else wt - wb
+    total, base_sq = frobenius_sq(diff), frobenius_sq(wb)
+    if not (math.isfinite(total) and math.isfinite(base_sq)):
+        _check_finite(w_base, bstream.ckpt, key)
+        _check_finite(tstream.read(key), tstream.ckpt, key)
+    return w_base, diff, base_sq**0.5, total
+
+
+def _check_finite(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise LoraToolsError(
+            f"{ckpt.file_of(key)}: tensor {key} {list(t.shape)} has {int(bad.sum())} non-finite values (NaN/Inf)"
+        )
+
+
+def _peft_task_type(base: Checkpoint) -> str | None:
+    cfg = base.path / "config.json" if base.path.is_dir() else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        archs = json.loads(cfg.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if any(str(a).endswith(suffix) for a in archs):
+            return task
+    return None
+
+
+def _tied_head_warning(base: Checkpoint, tuned: Checkpoint, layers: dict[str, LoraLayer]) -> list[str]:
+    """Checkpoints saved with tied embeddings store the head once; a LoRA on the embedding then misses the head."""
+    cfg = base.path / "config.json" if base.path.is_dir() else None
+    try:
+        tied = cfg is not None and cfg.is_file() and bool(json.loads(cfg.read_text()).get("tie_word_embeddings"))
+    except (json.JSONDecodeError, AttributeError):
+        tied = False
+    emb = [n for n, la in layers.items() if la.embedding]
+    if tied and emb and "lm_head.weight" not in tuned:
+        return [f"{base.path / 'config.json'} ties the output head to {emb[0]}, but the adapter's embedding LoRA only "
+                "patches the input side: the head keeps the base weights (target lm_head separately, or untie)"]
+    return []
+
+
+def extract(
+    base: str | Path | Checkpoint,
+    tuned: str | Path | Checkpoint,
+    options: ExtractOptions | None = None,
+    progress: Progress | None = None,
+) -> ExtractResult:
+    """Extract a LoRA adapter approximating ``tuned − base`` (see the module docstring)."""
+    opt = options or ExtractOptions()
+    t0 = time.perf_counter()
+    bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    if opt.save_full and opt.format == "kohya":
+        raise LoraToolsError("--save-full needs --format peft: kohya files have no place for full tensors")
+    if opt.clamp_quantile is not None and not 0 < opt.clamp_quantile <= 1:
+        raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
+    device = resolve_device(opt.device)
+    pairs, skipped = pair_tensors(bck, tck, opt.include, opt.exclude)
+    bstream, tstream = TensorStream(bck), TensorStream(tck)
+    layers: dict[str, LoraLayer] = {}
+    rows: list[dict] = []
+    vectors: list[dict] = []
+    extra: dict[str, torch.Tensor] = {}
+    full_modules: set[str] = set()
+    seen: dict[tuple, str] = {}  # fingerprint of (shape, ‖ΔW‖², ‖W‖) → first key, for tied weights
+    by_key: dict[str, LoraLayer] = {}
+    for pair in (progress(pairs, len(pairs)) if progress else pairs):
+        key = pair.key
+        t_layer = time.perf_counter()
+        w_base, diff, base_norm, total = _read_diff(bstream, tstream, key, device)
+        out_dtype = opt.dtype or tck.dtype(key)
+        rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
+        if total == 0:
+            skipped.append({"name": key, "reason": "unchanged (ΔW = 0)"})
+            continue
+        if rel < opt.min_diff:
+            skipped.append({"name": key, "reason": f"below --min-diff (‖ΔW‖/‖W‖ = {rel:.3g})"})
+            continue
+        full = bool(opt.save_full) and matches(pair.module, key, opt.save_full)
+        if pair.kind in ("vector", "other") or full:
+            if pair.kind in ("vector", "other"):
+                vectors.append({"name": key, "shape": list(pair.shape), "relative_norm": rel, "saved": full})
+            if full:
+                extra[f"base_model.model.{key}"] = tstream.read(key).to(out_dtype).contiguous()
+                full_modules.add(pair.module)
+            continue
+        fp = (pair.shape, total, base_norm)
+        if fp in seen and torch.equal(w_base, bstream.read(seen[fp])) and torch.equal(
+                tstream.read(key), tstream.read(seen[fp])):
+            first = by_key[seen[fp]]
+            layer = LoraLayer(down=first.down, up=first.up, alpha=first.alpha, embedding=pair.kind == "embedding")
+            layers[pair.module] = layer
+            row = dict(next(r for r in rows if r["key"] == seen[fp]), name=pair.module, key=key,
+                       kind=pair.kind, tied_to=module_of(seen[fp]))
+            rows.append(row)
+            continue
+        del w_base
+        rule = opt.conv_rule if pair.kind == "conv" and opt.conv_rule is not None else opt.rule
+        row, layer = _extract_layer(diff, pair, rule, total, base_norm, out_dtype, opt)
+        del diff
+        if layer is None:
+            skipped.append({"name": key, "reason": row["reason"]})
+            continue
+        row["time_s"] = time.perf_counter() - t_layer
+        seen[fp] = key
+        by_key[key] = layer
+        layers[pair.module] = layer
+        rows.append(row)
+    if not layers and not extra:
+        raise LoraToolsError(
+            f"nothing to extract: every paired tensor was skipped ({len(skipped)} skipped, e.g. "
+            f"{skipped[0]['name']}: {skipped[0]['reason']})" if skipped else "nothing to extract"
+        )
+    if not layers:
+        raise LoraToolsError("nothing to extract as LoRA: all changed tensors are saved in full (--save-full)")
+    both = sorted(full_modules & set(layers))
+    if both:
+        raise LoraToolsError(
+            f"module {both[0]} would be both a LoRA target and saved in full (--save-full matched only some of its "
+            "tensors, e.g. the bias); match the whole module or none of it"
+        )
+    warnings = _tied_head_warning(bck, tck, layers)
+    adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path),
+                      warnings=warnings)
+    if opt.format == "peft":
+        adapter.config = {
+            "peft_type": "LORA", "task_type": _peft_task_type(bck), "base_model_name_or_path": str(bck.path),
+            "modules_to_save": sorted(full_modules) or None,
+        }
+    else:
+        adapter.metadata = {
+            "ss_network_module": "networks.lora",
+            "ss_training_comment": f"extracted by loratools from {bck.path.name} and {tck.path.name} ({opt.rule.describe()})",
+            "ss_output_name": "extracted",
+        }
+    energies = [r["retained_energy"] for r in rows]
+    summary = {
+        "base": str(bck.path), "tuned": str(tck.path), "format": opt.format, "rule": opt.rule.describe(),
+        "conv_rule": opt.conv_rule.describe() if opt.conv_rule else None, "device": str(device),
+        "layers": len(rows), "params": adapter.num_params + sum(t.numel() for t in extra.values()),
+        "lora_params": adapter.num_params, "full_params": sum(t.numel() for t in extra.values()),
+        "mean_retained_energy": sum(energies) / len(energies), "min_retained_energy": min(energies),
+        "skipped": len(skipped), "changed_vectors": len(vectors), "saved_full": sorted(full_modules),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    if opt.clamp_quantile is not None:
+        summary["clipped_values"] = sum(r.get("clipped", 0) for r in rows)
+    return ExtractResult(adapter, rows, skipped, vectors, sorted(full_modules), summary)
+
+
+def _extract_layer(
+    diff: torch.Tensor, pair: TensorPair, rule: RankRule, total: float, base_norm: float,
+    out_dtype: torch.dtype, opt: ExtractOptions,
+) -> tuple[dict, LoraLayer | None]:
+    """SVD, truncation, storage and error measurement of one changed matrix."""
+    m = pair.shape[0]
+    mat = diff.reshape(m, -1)
+    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact)
+    k = int(s.numel())
+    if k == 0:
+        return {"reason": f"rank rule {rule.describe()} keeps no singular value"}, None
+    kept = frobenius_sq(s)
+    retained = min(kept / total, 1.0)
+    layer = lora_from_svd(u, s, vh, pair.shape, torch.float32)  # balanced √Σ split, alpha = k (scale 1)
+    layer.embedding = pair.kind == "embedding"
+    row = {
+        "name": pair.module, "key": pair.key, "kind": pair.kind, "shape": list(pair.shape), "rank": k,
+        "retained_energy": retained, "relative_error": math.sqrt(max(1.0 - retained, 0.0)),
+        "relative_norm": math.sqrt(total) / base_norm if base_norm > 0 else None,
+        "fro_norm": math.sqrt(total), "sigma_1": float(s[0]), "sigma_k": float(s[-1]),
+        "error_measured": False,
+    }
+    if opt.clamp_quantile is not None:
+        layer.up, layer.down, row["clipped"] = clamp_factors(layer.up, layer.down, opt.clamp_quantile)
+    layer.up = layer.up.to(dtype=out_dtype).cpu().contiguous()
+    layer.down = layer.down.to(dtype=out_dtype).cpu().contiguous()
+    if opt.clamp_quantile is not None or out_dtype not in (torch.float32, torch.float64):
+        left, right = (f.to(mat.device) for f in layer.factors(torch.float32))
+        row["relative_error"] = math.sqrt(residual_sq(mat, left, right) / total)
+        row["error_measured"] = True
+    return row, layer
+
+
+def output_size(path: Path) -> int:
+    """Bytes on disk of a written adapter file or folder."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------- spectrum
+def layer_spectrum_of_diff(
+    diff: torch.Tensor, top: int, exact: bool, exact_below: int, seed: int
+) -> tuple[torch.Tensor, bool]:
+    """Singular values of ΔW (2-D): exact ``svdvals`` when small or asked, else randomized top-``top``."""
+    if exact or min(diff.shape) <= exact_below or top >= min(diff.shape):
+        return torch.linalg.svdvals(diff).cpu(), True
+    _, s, _ = randomized_svd(diff, top, seed=seed)
+    return s.cpu(), False
+
+
+def spectrum(
+    base: str | Path | Checkpoint,
+    tuned: str | Path | Checkpoint,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    top: int = 256,
+    exact: bool = False,
+    exact_below: int = 1024,
+    device: str = "auto",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
+    """Per-layer spectrum of ``tuned − base`` for every changed matrix, without writing anything.
+
+    Each row has σ₁, stable rank ‖ΔW‖²/σ₁² (exact: uses the exact ‖ΔW‖²), entropy effective rank
+    exp(H(σ/Σσ)) and the ranks keeping 50/90/99 % of ‖ΔW‖² (from :func:`loratools.stats.spectrum_stats`),
+    and ``rank_table``: for r in 4…256 (≤ min(m, n)) the energy kept Σ_{i≤r}σᵢ²/‖ΔW‖² and the LoRA
+    parameter count r·(m + n). A randomized top-``top`` spectrum cannot decide quantities beyond
+    its last singular value: those are ``None`` (entropy effective rank included).
+    """
+    if top < 1:
+        raise LoraToolsError(f"--top must be ≥ 1, got {top}")
+    t0 = time.perf_counter()
+    bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    dev = resolve_device(device)
+    pairs, skipped = pair_tensors(bck, tck, include, exclude)
+    bstream, tstream = TensorStream(bck), TensorStream(tck)
+    rows, vectors = [], []
+    for pair in (progress(pairs, len(pairs)) if progress else pairs):
+        w_base, diff, base_norm, total = _read_diff(bstream, tstream, pair.key, dev)
+        del w_base
+        if pair.kind in ("vector", "other"):
+            if total > 0:
+                vectors.append({"name": pair.key, "shape": list(pair.shape),
+                                "relative_norm": math.sqrt(total) / base_norm if base_norm else None})
+            else:
+                skipped.append({"name": pair.key, "reason": "unchanged (ΔW = 0)"})
+            continue
+        if total == 0:
+            skipped.append({"name": pair.key, "reason": "unchanged (ΔW = 0)"})
+            continue
+        s, is_exact = layer_spectrum_of_diff(diff.reshape(pair.shape[0], -1), top, exact, exact_below, seed)
+        rows.append(_spectrum_row(pair, s.double(), total, base_norm, is_exact))
+    return {
+        "base": str(bck.path), "tuned": str(tck.path), "layers": rows, "skipped": skipped,
+        "changed_vectors": vectors, "table_ranks": list(TABLE_RANKS),
+        "summary": {"layers": len(rows), "exact_layers": sum(r["exact"] for r in rows),
+                    "skipped": len(skipped), "changed_vectors": len(vectors),
+                    "wall_time_s": time.perf_counter() - t0},
+    }
+
+
+def _spectrum_row(pair: TensorPair, s: torch.Tensor, total: float, base_norm: float, is_exact: bool) -> dict:
+    m, n = pair.shape[0], math.prod(pair.shape[1:])
+    st = spectrum_stats(s, total)
+    cum = torch.cumsum(s.square(), 0)
+    captured = float(cum[-1]) if cum.numel() else 0.0
+    energy_rank = {t: (r if is_exact or captured >= float(t) * total * (1 - 1e-9) else None)
+                   for t, r in st.energy_rank.items()}
+    table = {}
+    for r in TABLE_RANKS:
+        if r > min(m, n):
+            break
+        table[str(r)] = {
+            "energy": min(float(cum[r - 1]) / total, 1.0) if r <= cum.numel() else None,
+            "params": r * (m + n),
+        }
+    return {
+        "name": pair.module, "key": pair.key, "kind": pair.kind, "shape": list(pair.shape),
+        "fro_norm": st.fro_norm, "relative_norm": st.fro_norm / base_norm if base_norm > 0 else None,
+        "sigma_1": st.spectral_norm, "stable_rank": st.stable_rank,
+        "effective_rank": st.effective_rank if is_exact else None,
+        "energy_rank": energy_rank, "rank_table": table, "exact": is_exact,
+        "captured_energy": min(captured / total, 1.0),
+        "singular_values": [float(x) for x in s],
+    }
