@@ -37,6 +37,7 @@ from loratools.linalg import (
     khatri_rao_gram,
     kron_svd,
     svd,
+    svdvals,
 )
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -311,7 +312,7 @@ class LokrLayer(_Structured):
     def _side_values(self, dense: torch.Tensor | None, fac: Factors | None, dtype: torch.dtype) -> torch.Tensor:
         if fac is not None:
             return factored_svdvals(*fac)
-        return torch.linalg.svdvals(dense.reshape(dense.shape[0], -1).to(dtype))
+        return svdvals(dense.reshape(dense.shape[0], -1).to(dtype))
 
     def singular_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s1 = self._side_values(self.w1, self._w1_factors(dtype), dtype)

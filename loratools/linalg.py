@@ -56,6 +56,11 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Svd:
     return q_l @ u_c, s, vh_c @ q_r.T
 
 
+def svdvals(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values only (no vectors), upcast to float32 or better."""
+    return torch.linalg.svdvals(matrix.to(compute_dtype(matrix.dtype)))
+
+
 def factored_svdvals(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Singular values of ``left @ right.T`` only: triangular QR factors (no Q formed) + small ``svdvals``.
 
