@@ -419,7 +419,7 @@ def _extract_layer(
     """SVD, truncation, storage and error measurement of one changed matrix."""
     m = pair.shape[0]
     mat = diff.reshape(m, -1)
-    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact)
+    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact, total_energy=total)
     k = int(s.numel())
     if k == 0:
         return {"reason": f"rank rule {rule.describe()} keeps no singular value"}, None

@@ -187,6 +187,7 @@ def truncated_svd(
     n_iter: int = 4,
     start_rank: int = 32,
     exact_below: int = 256,
+    total_energy: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Truncated SVD of a dense matrix under a rank rule; returns ``(U, S, Vh, ‖A‖_F²)``.
 
@@ -194,11 +195,12 @@ def truncated_svd(
     never depend on a truncated spectrum. Small matrices (min(m, n) ≤ ``exact_below``) or
     ``exact=True`` use the exact thin SVD. Otherwise a randomized sketch of ``start_rank`` (or the
     fixed rank) columns is grown by doubling until the rule is decided inside the computed spectrum
-    or the cap (``max_rank``, min(m, n)) is reached.
+    or the cap (``max_rank``, min(m, n)) is reached. ``total_energy`` passes in an ‖A‖_F² the caller
+    already computed exactly, saving a pass over the matrix.
     """
     a = matrix.to(compute_dtype(matrix.dtype))
     m, n = a.shape
-    total = frobenius_sq(a)
+    total = frobenius_sq(a) if total_energy is None else float(total_energy)
     cap = min(m, n, rule.max_rank or min(m, n))
     if exact or min(m, n) <= exact_below:
         u, s, vh = svd(a)

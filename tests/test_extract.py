@@ -419,3 +419,15 @@ def test_cli_table_report(llama_pair, cli, tmp_path):
     assert cfg["target_modules"] == sorted(["model.embed_tokens"] + [f"model.layers.0.{m}" for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(big_pair):
+    root, _, _ = big_pair
+    b, t = root / "base.safetensors", root / "tuned.safetensors"
+    cpu = extract(b, t, ExtractOptions(rule=RankRule("energy", 0.9), device="cpu"))
+    gpu = extract(b, t, ExtractOptions(rule=RankRule("energy", 0.9), device="cuda"))
+    for rc, rg in zip(cpu.layers, gpu.layers, strict=True):
+        assert rc["rank"] == rg["rank"]
+        assert rg["relative_error"] == pytest.approx(rc["relative_error"], rel=1e-4)
+    assert all(la.down.device.type == "cpu" for la in gpu.adapter.layers.values())
