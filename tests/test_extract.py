@@ -100,6 +100,22 @@ def test_full_rank_peft_reproduces_tuned_logits(llama_pair, cli, tmp_path):
     assert float((logits(llama_pair["base"]) - ref).abs().max()) > 100 * LOGIT_TOL
 
 
+def test_embeddings_and_head_saved_in_full(llama_pair, tmp_path):
+    """--save-full on embed_tokens / lm_head: PEFT modules_to_save copies instead of LoRA factors."""
+    root = llama_pair["root"]
+    opts = ExtractOptions(rule=RankRule("energy", 1.0), save_full=["model.embed_tokens", "lm_head", "*norm"])
+    res = extract(root / "base", root / "tuned", opts)
+    assert "model.embed_tokens" not in res.adapter.layers and "lm_head" not in res.adapter.layers
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(res.adapter.extra_tensors)
+    from loratools.formats import save_adapter
+
+    save_adapter(res.adapter, tmp_path / "a", "peft")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(cfg["modules_to_save"])
+    got = logits(load_peft(root / "base", tmp_path / "a"))
+    assert float((got - logits(llama_pair["tuned"])).abs().max()) <= LOGIT_TOL
+
+
 def test_full_rank_without_save_full_covers_only_matrices(llama_pair, tmp_path):
     """Without --save-full the norms are reported, not stored; adding their diffs by hand closes the gap."""
     root = llama_pair["root"]
