@@ -223,6 +223,7 @@ class ExtractOptions:
     clamp_quantile: float | None = None
     min_diff: float = 0.0
     format: str = "peft"
+    power_iters: int = 4
 
 
 @dataclass
@@ -419,7 +420,7 @@ def _extract_layer(
     """SVD, truncation, storage and error measurement of one changed matrix."""
     m = pair.shape[0]
     mat = diff.reshape(m, -1)
-    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact, total_energy=total)
+    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact, n_iter=opt.power_iters, total_energy=total)
     k = int(s.numel())
     if k == 0:
         return {"reason": f"rank rule {rule.describe()} keeps no singular value"}, None

@@ -267,6 +267,20 @@ def test_tied_embeddings_warn(tmp_path):
     assert any("ties the output head" in w for w in res.adapter.warnings)
 
 
+def test_power_iterations_trade_accuracy(big_pair):
+    """More power iterations bring the randomized error to the optimum; zero iterations are measurably worse."""
+    root, base, tuned = big_pair
+    key = "blocks.0.proj.weight"
+    diff = tuned[key] - base[key]
+    opt_err = optimum(diff, 24)
+    errs = {}
+    for it in (0, 4):
+        res = extract(root / "base.safetensors", root / "tuned.safetensors",
+                      ExtractOptions(rule=RankRule("rank", 24), power_iters=it, include=["blocks.0.*"]))
+        errs[it] = stored_error(res.adapter.layers["blocks.0.proj"], diff)
+    assert errs[4] <= opt_err * 1.005 < errs[0]
+
+
 def test_seeded_and_deterministic(big_pair):
     root, _, _ = big_pair
     opts = ExtractOptions(rule=RankRule("rank", 8), seed=5)
