@@ -354,6 +354,19 @@ def test_exact_quantile_matches_torch_and_works_above_2_24():
     assert exact_quantile(big, 0.99) == pytest.approx(ref, rel=1e-6)
 
 
+def test_frobenius_sq_accuracy():
+    from loratools.linalg import frobenius_sq
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(700, 513, generator=g) * 1e-3
+    ref = float(a.double().square().sum())
+    assert frobenius_sq(a) == pytest.approx(ref, rel=1e-7)
+    assert frobenius_sq(a, chunk=1000) == pytest.approx(ref, rel=1e-7)
+    big = torch.full((300, 300), 300.0, dtype=torch.float16)  # Σx² overflows fp16: blocks are upcast
+    assert frobenius_sq(big) == pytest.approx(9e4 * 9e4, rel=1e-6)
+    assert frobenius_sq(torch.zeros(0, 3)) == 0.0
+
+
 # ------------------------------------------------------------------------- streaming reader
 def test_tensor_stream_reads_like_safetensors(llama_pair):
     root = llama_pair["root"]
