@@ -34,8 +34,7 @@ import math
 import re
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,17 +247,17 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _read_diff(
-    bstream: TensorStream, tstream: TensorStream, key: str, device: torch.device,
-    tensors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bstream: TensorStream, tstream: TensorStream, key: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """``(W_base, ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` holding two layer-sized buffers, not three.
 
-    ``tensors`` are the already-read ``(W_base, W_tuned)`` (see :func:`prefetched`). ΔW is computed in
-    place in TUNED's freshly read buffer when it is already float32 on the device. Finiteness is
-    checked through the two norms (NaN/Inf in either input makes one of them non-finite), and only
-    then located tensor by tensor for the error message.
+    ΔW is computed in place in TUNED's freshly read buffer when it is already float32 on the device.
+    Finiteness is checked through the two norms (NaN/Inf in either input makes one of them
+    non-finite), and only then located tensor by tensor for the error message. (Reading the next
+    pair in a background thread was tried: on 2 cores it competes with the BLAS threads and was
+    slower, so reads stay in line.)
     """
-    w_base, raw = tensors if tensors is not None else (bstream.read(key), tstream.read(key))
+    w_base, raw = bstream.read(key), tstream.read(key)
     wb = w_base.to(device=device, dtype=torch.float32)
     wt = raw.to(device=device, dtype=torch.float32)
     diff = wt.sub_(wb) if (wt is not raw or tstream.owns(key)) else wt - wb
@@ -267,26 +266,6 @@ def _read_diff(
         _check_finite(w_base, bstream.ckpt, key)
         _check_finite(tstream.read(key), tstream.ckpt, key)
     return w_base, diff, base_sq**0.5, total
-
-
-def prefetched(
-    pairs: list[TensorPair], bstream: TensorStream, tstream: TensorStream
-) -> Iterator[tuple[TensorPair, tuple[torch.Tensor, torch.Tensor]]]:
-    """Yield each pair with its two tensors read, reading the next pair in a background thread.
-
-    File reads release the GIL, so the next layer's I/O overlaps the current layer's SVD; at most
-    one pair is read ahead (two extra layer buffers). Read errors surface in the caller's thread.
-    """
-
-    def read(pair: TensorPair) -> tuple[torch.Tensor, torch.Tensor]:
-        return bstream.read(pair.key), tstream.read(pair.key)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-read") as pool:
-        ahead = pool.submit(read, pairs[0]) if pairs else None
-        for i, pair in enumerate(pairs):
-            tensors = ahead.result()
-            ahead = pool.submit(read, pairs[i + 1]) if i + 1 < len(pairs) else None
-            yield pair, tensors
 
 
 def _check_finite(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
@@ -351,12 +330,10 @@ def extract(
     full_modules: set[str] = set()
     seen: dict[tuple, str] = {}  # fingerprint of (shape, ‖ΔW‖², ‖W‖) → first key, for tied weights
     by_key: dict[str, LoraLayer] = {}
-    stream = prefetched(pairs, bstream, tstream)
-    for pair, tensors in (progress(stream, len(pairs)) if progress else stream):
+    for pair in (progress(pairs, len(pairs)) if progress else pairs):
         key = pair.key
         t_layer = time.perf_counter()
-        w_base, diff, base_norm, total = _read_diff(bstream, tstream, key, device, tensors)
-        del tensors
+        w_base, diff, base_norm, total = _read_diff(bstream, tstream, key, device)
         out_dtype = opt.dtype or tck.dtype(key)
         rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
         if total == 0:
@@ -515,10 +492,8 @@ def spectrum(
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     rows, vectors = [], []
-    stream = prefetched(pairs, bstream, tstream)
-    for pair, tensors in (progress(stream, len(pairs)) if progress else stream):
-        w_base, diff, base_norm, total = _read_diff(bstream, tstream, pair.key, dev, tensors)
-        del tensors
+    for pair in (progress(pairs, len(pairs)) if progress else pairs):
+        w_base, diff, base_norm, total = _read_diff(bstream, tstream, pair.key, dev)
         del w_base
         if pair.kind in ("vector", "other"):
             if total > 0:
