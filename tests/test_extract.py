@@ -375,6 +375,14 @@ def test_tensor_stream_reads_like_safetensors(llama_pair):
         stream = TensorStream(ck)
         for k in ck.keys():
             assert torch.equal(stream.read(k), ck.get(k))
+            assert torch.equal(stream.read(k, scratch=True), ck.get(k))
+    # scratch reads share one growing buffer: fresh reads do not
+    ck = Checkpoint(root / "tuned")
+    stream = TensorStream(ck)
+    a = stream.read("model.layers.0.mlp.up_proj.weight", scratch=True)
+    b = stream.read("model.layers.0.mlp.down_proj.weight", scratch=True)
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert stream.read("lm_head.weight").untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
 # ------------------------------------------------------------------------- bad inputs
