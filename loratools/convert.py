@@ -29,13 +29,15 @@ from loratools import dora
 from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.layers import LokrLayer, exact_svd, spectrum
+from loratools.layers import LohaLayer, LokrLayer, exact_svd, spectrum
 from loratools.linalg import RankRule, compute_dtype, lora_from_svd, svd, truncated_svd
 from loratools.stats import layer_type
 
 Progress = Callable[[Iterable, int], Iterable]
 #: fold-dora reports the Eckart–Young optimum from an exact SVD up to this min(m, n)
 OPTIMUM_EXACT_BELOW = 1024
+#: truncated_svd's default: exact SVD up to this min(m, n)
+EXACT_BELOW = 256
 
 
 @dataclass
@@ -204,7 +206,9 @@ def convert_adapter(
                     raise LoraToolsError(f"{name}: rank rules on embedding LoRA layers are not supported")
                 new, energy, err = _to_lora(layer, rule)
                 action = "exact" if rule is None else "truncated"
-            optimum = None if isinstance(layer, FullLayer) and rule is not None else err  # exact spectrum: optimal
+            # an exact spectrum makes the truncation Eckart–Young optimal; a large full diff may be randomized
+            randomized = isinstance(layer, FullLayer) and rule is not None and min(layer.matrix_shape) > EXACT_BELOW
+            optimum = None if randomized else err
             row = LayerConversion(name, src_type, list(layer.shape), layer.rank, new.rank, energy, err, optimum, action)
             if layer.magnitude is not None:
                 target_conv = dora.LYCORIS if to_format == "kohya" else dora.PEFT
@@ -221,6 +225,13 @@ def convert_adapter(
         rows.append(asdict(row))
     out = replace(adapter, layers=layers, metadata=_metadata(adapter, layers), config=_config(adapter),
                   extra_tensors=dict(adapter.extra_tensors), warnings=list(adapter.warnings))
+    flat = [n for n, la in adapter.layers.items()
+            if base is None and not la.is_conv and isinstance(la, (LohaLayer, LokrLayer))]
+    if flat:
+        out.warnings.append(
+            f"{len(flat)} LoHa/LoKr layer(s) (e.g. {flat[0]}) have 2-D factors and no --base: a conv stored "
+            "flattened as [r, in·kh·kw] is written as a linear LoRA; pass --base to get its kernel shape"
+        )
     if inexact:
         out.warnings.append(
             f"{len(inexact)} DoRA layer(s) (e.g. {inexact[0]}) moved between PEFT (no eps) and LyCORIS (‖V‖ + eps) "

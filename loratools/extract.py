@@ -69,6 +69,7 @@ class TensorStream:
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self._headers: dict[Path, tuple[int, dict]] = {}
+        self._scratch: torch.Tensor | None = None
 
     def _header(self, f: Path) -> tuple[int, dict]:
         if f not in self._headers:
@@ -81,7 +82,9 @@ class TensorStream:
         """Whether :meth:`read` returns a fresh buffer the caller may modify in place."""
         return self.ckpt.file_of(key).suffix == ".safetensors"
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, scratch: bool = False) -> torch.Tensor:
+        """The tensor ``key``. With ``scratch`` it is read into a buffer this stream reuses: already
+        paged in (no page faults for a fresh layer-sized allocation), valid until the next scratch read."""
         f = self.ckpt.file_of(key)
         if f.suffix != ".safetensors":
             return self.ckpt.get(key)
@@ -91,7 +94,13 @@ class TensorStream:
         if dtype is None:
             raise LoraToolsError(f"{f}: tensor {key!r} has unsupported dtype {info['dtype']}")
         a, b = info["data_offsets"]
-        buf = torch.empty(b - a, dtype=torch.uint8)
+        if scratch:
+            if self._scratch is None or self._scratch.numel() < b - a:
+                self._scratch = None
+                self._scratch = torch.empty(b - a, dtype=torch.uint8)
+            buf = self._scratch[: b - a]
+        else:
+            buf = torch.empty(b - a, dtype=torch.uint8)
         with open(f, "rb") as fh:
             fh.seek(start + a)
             got = fh.readinto(memoryview(buf.numpy())) if b > a else 0
@@ -223,6 +232,7 @@ class ExtractOptions:
     clamp_quantile: float | None = None
     min_diff: float = 0.0
     format: str = "peft"
+    power_iters: int = 4
 
 
 @dataclass
@@ -250,13 +260,15 @@ def _read_diff(
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """``(W_base, ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` holding two layer-sized buffers, not three.
 
-    ΔW is computed in place in TUNED's freshly read buffer when it is already float32 on the device.
+    Both are read into the streams' reusable scratch buffers (valid until the next pair is read);
+    ΔW is computed in place in TUNED's buffer when it is already float32 on the device.
     Finiteness is checked through the two norms (NaN/Inf in either input makes one of them
-    non-finite), and only then located tensor by tensor for the error message.
+    non-finite), and only then located tensor by tensor for the error message. (Reading the next
+    pair in a background thread was tried: on 2 cores it competes with the BLAS threads and was
+    slower, so reads stay in line.)
     """
-    w_base = bstream.read(key)
+    w_base, raw = bstream.read(key, scratch=True), tstream.read(key, scratch=True)
     wb = w_base.to(device=device, dtype=torch.float32)
-    raw = tstream.read(key)
     wt = raw.to(device=device, dtype=torch.float32)
     diff = wt.sub_(wb) if (wt is not raw or tstream.owns(key)) else wt - wb
     total, base_sq = frobenius_sq(diff), frobenius_sq(wb)
@@ -419,7 +431,7 @@ def _extract_layer(
     """SVD, truncation, storage and error measurement of one changed matrix."""
     m = pair.shape[0]
     mat = diff.reshape(m, -1)
-    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact)
+    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact, n_iter=opt.power_iters, total_energy=total)
     k = int(s.numel())
     if k == 0:
         return {"reason": f"rank rule {rule.describe()} keeps no singular value"}, None

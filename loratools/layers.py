@@ -37,6 +37,7 @@ from loratools.linalg import (
     khatri_rao_gram,
     kron_svd,
     svd,
+    svdvals,
 )
 
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -200,6 +201,11 @@ class LohaLayer(_Structured):
             return None
         return khatri_rao_gram(l1, l2) * self.scale**2, khatri_rao_gram(r1, r2)
 
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ΔW the way LyCORIS builds it: ``s · (L₁R₁ᵀ) ⊙ (L₂R₂ᵀ)`` (2·m·n·r flops, not m·n·r²)."""
+        (l1, r1), (l2, r2) = self._branches(dtype)
+        return ((l1 @ r1.T) * (l2 @ r2.T) * self.scale).reshape(self.shape)
+
     def svd(self, dtype: torch.dtype = torch.float32, keep: int | None = None) -> Svd:
         """Exact SVD of the r₁r₂-column Khatri–Rao factors through float64 Grams (:func:`linalg.gram_svd`)."""
         u, s, vh = gram_svd(*self.factors(dtype), grams=self._grams(dtype))
@@ -279,6 +285,16 @@ class LokrLayer(_Structured):
 
         return _cap(side(self.w1, self.w1a, self.w1b) * side(self.w2, self.w2a, self.w2b, self.t2), self.shape)
 
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ΔW = s · kron(W₁, W₂_2d), reshaped to the weight shape."""
+        w1 = self.w1.to(dtype) if self.w1 is not None else self.w1a.to(dtype) @ self.w1b.to(dtype)
+        if self.w2 is not None:
+            w2 = self.w2.reshape(self.w2.shape[0], -1).to(dtype)
+        else:
+            left, right = self._w2_factors(dtype)
+            w2 = left @ right.T
+        return (torch.kron(w1.contiguous(), w2.contiguous()) * self.scale).reshape(self.shape)
+
     def factors(self, dtype: torch.dtype = torch.float32) -> Factors:
         """``L = kron(U₁Σ₁, U₂Σ₂)·scale``, ``R = kron(V₁, V₂)``: exact, m × (r₁r₂)."""
         (u1, s1, vh1), (u2, s2, vh2) = self.small_svds(dtype)
@@ -296,7 +312,7 @@ class LokrLayer(_Structured):
     def _side_values(self, dense: torch.Tensor | None, fac: Factors | None, dtype: torch.dtype) -> torch.Tensor:
         if fac is not None:
             return factored_svdvals(*fac)
-        return torch.linalg.svdvals(dense.reshape(dense.shape[0], -1).to(dtype))
+        return svdvals(dense.reshape(dense.shape[0], -1).to(dtype))
 
     def singular_values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s1 = self._side_values(self.w1, self._w1_factors(dtype), dtype)

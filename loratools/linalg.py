@@ -56,6 +56,11 @@ def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Svd:
     return q_l @ u_c, s, vh_c @ q_r.T
 
 
+def svdvals(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values only (no vectors), upcast to float32 or better."""
+    return torch.linalg.svdvals(matrix.to(compute_dtype(matrix.dtype)))
+
+
 def factored_svdvals(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Singular values of ``left @ right.T`` only: triangular QR factors (no Q formed) + small ``svdvals``.
 
@@ -207,12 +212,17 @@ def randomized_svd(
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
-def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 22) -> float:
-    """‖A‖_F² accumulated in float64, ``chunk`` elements at a time (a float64 copy of the whole
-    matrix would double the memory of the largest layer)."""
+def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 16) -> float:
+    """‖A‖_F², summed over ``chunk``-element blocks and accumulated in float64.
+
+    Each block's Σx² is taken in the tensor's own precision (torch's cascaded float32 sum: relative
+    error ~1e-9 at this block size); the block sums are accumulated in Python floats (float64). A
+    float64 copy of the whole matrix would double the memory of the largest layer and is 2× slower.
+    """
     flat = matrix.reshape(-1)
-    return sum(float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
-               for i in range(0, flat.numel(), chunk))
+    wide = flat.dtype in (torch.float32, torch.float64)
+    return sum(float((c if wide else c.float()).square().sum())
+               for c in (flat[i : i + chunk] for i in range(0, flat.numel(), chunk)))
 
 
 RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
@@ -300,6 +310,7 @@ def truncated_svd(
     n_iter: int = 4,
     start_rank: int = 32,
     exact_below: int = 256,
+    total_energy: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Truncated SVD of a dense matrix under a rank rule; returns ``(U, S, Vh, ‖A‖_F²)``.
 
@@ -307,11 +318,12 @@ def truncated_svd(
     never depend on a truncated spectrum. Small matrices (min(m, n) ≤ ``exact_below``) or
     ``exact=True`` use the exact thin SVD. Otherwise a randomized sketch of ``start_rank`` (or the
     fixed rank) columns is grown by doubling until the rule is decided inside the computed spectrum
-    or the cap (``max_rank``, min(m, n)) is reached.
+    or the cap (``max_rank``, min(m, n)) is reached. ``total_energy`` passes in an ‖A‖_F² the caller
+    already computed exactly, saving a pass over the matrix.
     """
     a = matrix.to(compute_dtype(matrix.dtype))
     m, n = a.shape
-    total = frobenius_sq(a)
+    total = frobenius_sq(a) if total_energy is None else float(total_energy)
     cap = min(m, n, rule.max_rank or min(m, n))
     if exact or min(m, n) <= exact_below:
         u, s, vh = svd(a)

@@ -141,3 +141,34 @@ def test_bias_diff_refused(tmp_path, cli):
     out = tmp_path / "o"
     cli.fails("convert", f, "--to", "peft", "-o", out, "--base", b, match="bias difference diff_b")
     assert not out.exists()
+
+
+def test_without_base_flattened_conv_warning(tmp_path, cli):
+    model, net, base = lycoris_net("loha")
+    f, _ = save_lycoris(net, base, tmp_path)
+    out = tmp_path / "k.safetensors"
+    res = cli.ok("convert", f, "--to", "kohya", "-o", out)
+    assert "pass --base to get its kernel shape" in res.stderr
+    sd = load_file(str(out))
+    assert sd["lycoris_conv.lora_down.weight"].shape[1] == 144
+
+
+@pytest.mark.parametrize("algo,kw", [("loha", {}), ("lokr", {"dim": 2, "alpha": 1}), ("lora", {"use_tucker": True})])
+def test_bake_resize_merge_accept_lycoris(algo, kw, tmp_path, cli):
+    """The other commands only ask for factors(): LyCORIS layers bake, resize and merge exactly."""
+    model, net, base = lycoris_net(algo, **kw)
+    eff = effective(model, base)
+    f, b = save_lycoris(net, base, tmp_path)
+    baked = tmp_path / "baked.safetensors"
+    cli.ok("bake", f, "--base", b, "-o", baked)
+    sd = load_file(str(baked))
+    for n in SHAPES:
+        assert rel(sd[f"{n}.weight"] - base[n], eff[n]) < 3e-6, n
+    resized = tmp_path / "resized.safetensors"
+    cli.ok("resize", f, "--base", b, "--rank", "64", "-o", resized)
+    merged = tmp_path / "merged.safetensors"
+    cli.ok("merge", f"{f}:0.5", f"{f}:0.5", "--base", b, "--method", "cat", "-o", merged)
+    for out in (resized, merged):
+        ad = load_adapter(out, base=b)
+        for n in SHAPES:
+            assert rel(ad.layers[n].delta().reshape(SHAPES[n]), eff[n]) < 3e-6, (out.name, n)

@@ -100,6 +100,22 @@ def test_full_rank_peft_reproduces_tuned_logits(llama_pair, cli, tmp_path):
     assert float((logits(llama_pair["base"]) - ref).abs().max()) > 100 * LOGIT_TOL
 
 
+def test_embeddings_and_head_saved_in_full(llama_pair, tmp_path):
+    """--save-full on embed_tokens / lm_head: PEFT modules_to_save copies instead of LoRA factors."""
+    root = llama_pair["root"]
+    opts = ExtractOptions(rule=RankRule("energy", 1.0), save_full=["model.embed_tokens", "lm_head", "*norm"])
+    res = extract(root / "base", root / "tuned", opts)
+    assert "model.embed_tokens" not in res.adapter.layers and "lm_head" not in res.adapter.layers
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(res.adapter.extra_tensors)
+    from loratools.formats import save_adapter
+
+    save_adapter(res.adapter, tmp_path / "a", "peft")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(cfg["modules_to_save"])
+    got = logits(load_peft(root / "base", tmp_path / "a"))
+    assert float((got - logits(llama_pair["tuned"])).abs().max()) <= LOGIT_TOL
+
+
 def test_full_rank_without_save_full_covers_only_matrices(llama_pair, tmp_path):
     """Without --save-full the norms are reported, not stored; adding their diffs by hand closes the gap."""
     root = llama_pair["root"]
@@ -251,6 +267,20 @@ def test_tied_embeddings_warn(tmp_path):
     assert any("ties the output head" in w for w in res.adapter.warnings)
 
 
+def test_power_iterations_trade_accuracy(big_pair):
+    """More power iterations bring the randomized error to the optimum; zero iterations are measurably worse."""
+    root, base, tuned = big_pair
+    key = "blocks.0.proj.weight"
+    diff = tuned[key] - base[key]
+    opt_err = optimum(diff, 24)
+    errs = {}
+    for it in (0, 4):
+        res = extract(root / "base.safetensors", root / "tuned.safetensors",
+                      ExtractOptions(rule=RankRule("rank", 24), power_iters=it, include=["blocks.0.*"]))
+        errs[it] = stored_error(res.adapter.layers["blocks.0.proj"], diff)
+    assert errs[4] <= opt_err * 1.005 < errs[0]
+
+
 def test_seeded_and_deterministic(big_pair):
     root, _, _ = big_pair
     opts = ExtractOptions(rule=RankRule("rank", 8), seed=5)
@@ -324,6 +354,19 @@ def test_exact_quantile_matches_torch_and_works_above_2_24():
     assert exact_quantile(big, 0.99) == pytest.approx(ref, rel=1e-6)
 
 
+def test_frobenius_sq_accuracy():
+    from loratools.linalg import frobenius_sq
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(700, 513, generator=g) * 1e-3
+    ref = float(a.double().square().sum())
+    assert frobenius_sq(a) == pytest.approx(ref, rel=1e-7)
+    assert frobenius_sq(a, chunk=1000) == pytest.approx(ref, rel=1e-7)
+    big = torch.full((300, 300), 300.0, dtype=torch.float16)  # Σx² overflows fp16: blocks are upcast
+    assert frobenius_sq(big) == pytest.approx(9e4 * 9e4, rel=1e-6)
+    assert frobenius_sq(torch.zeros(0, 3)) == 0.0
+
+
 # ------------------------------------------------------------------------- streaming reader
 def test_tensor_stream_reads_like_safetensors(llama_pair):
     root = llama_pair["root"]
@@ -332,6 +375,14 @@ def test_tensor_stream_reads_like_safetensors(llama_pair):
         stream = TensorStream(ck)
         for k in ck.keys():
             assert torch.equal(stream.read(k), ck.get(k))
+            assert torch.equal(stream.read(k, scratch=True), ck.get(k))
+    # scratch reads share one growing buffer: fresh reads do not
+    ck = Checkpoint(root / "tuned")
+    stream = TensorStream(ck)
+    a = stream.read("model.layers.0.mlp.up_proj.weight", scratch=True)
+    b = stream.read("model.layers.0.mlp.down_proj.weight", scratch=True)
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert stream.read("lm_head.weight").untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
 # ------------------------------------------------------------------------- bad inputs
@@ -419,3 +470,15 @@ def test_cli_table_report(llama_pair, cli, tmp_path):
     assert cfg["target_modules"] == sorted(["model.embed_tokens"] + [f"model.layers.0.{m}" for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(big_pair):
+    root, _, _ = big_pair
+    b, t = root / "base.safetensors", root / "tuned.safetensors"
+    cpu = extract(b, t, ExtractOptions(rule=RankRule("energy", 0.9), device="cpu"))
+    gpu = extract(b, t, ExtractOptions(rule=RankRule("energy", 0.9), device="cuda"))
+    for rc, rg in zip(cpu.layers, gpu.layers, strict=True):
+        assert rc["rank"] == rg["rank"]
+        assert rg["relative_error"] == pytest.approx(rc["relative_error"], rel=1e-4)
+    assert all(la.down.device.type == "cpu" for la in gpu.adapter.layers.values())

@@ -61,6 +61,19 @@ def test_delta_equals_lycoris_forward(built, case):
         assert rel(ours, eff[name]) < 2e-6, (case, name)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_factors_reproduce_forward_delta(built, case):
+    """``L @ R.T`` (what resize / merge / bake use) equals the library's low-rank ΔW, for every kind."""
+    ad, eff, base, _, _ = built[case]
+    for name, layer in ad.layers.items():
+        left, right = layer.factors(torch.float64)
+        assert left.shape[1] == right.shape[1] >= layer.rank
+        dense = (left @ right.T).reshape(layer.shape)
+        if layer.magnitude is None:
+            assert rel(dense, eff[name]) < 2e-6, (case, name)
+        assert rel(dense, layer.delta(torch.float64)) < 1e-12, (case, name)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if "dora" not in c])
 def test_spectra_equal_dense_float64_svd(built, case):
     ad, eff, _, _, _ = built[case]

@@ -72,7 +72,7 @@ def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot,
         for k in ranks:
             cell = r["rank_table"].get(str(k))
             cells.append("-" if cell is None else
-                         f"{'?' if cell['energy'] is None else format(cell['energy'], '.3f')} ({_short(cell['params'])})")
+                         f"{'?' if cell['energy'] is None else format(cell['energy'], '.4f')} ({_short(cell['params'])})")
         table.append([r["name"], *cells])
     totals = []
     for k in ranks:
