@@ -8,8 +8,12 @@ and a rewritten ``*.index.json`` (``total_size`` recomputed); every other top-le
 tokenizer, generation config, ...) is copied.
 
 Adapters are applied in the order given, as PEFT's ``merge_and_unload`` merges active adapters:
-plain layers add ``w·ΔW``; a DoRA layer (PEFT: magnitude per output row) replaces the weight with
-``m ⊙ (W + w·ΔW) / ‖W + w·ΔW‖_row`` — PEFT's merge formula (``w = 1`` reproduces PEFT exactly).
+plain layers add ``w·ΔW``; a DoRA layer follows the formula of the library it came from, with the
+weight where that library puts it (``w = 1`` reproduces either library exactly):
+
+* PEFT (magnitude per output row): ``W' = m ⊙ V / ‖V‖``, ``V = W + w·ΔW`` (the weight scales ΔW);
+* LyCORIS (``dora_scale`` per output row or input column): ``V = W + ΔW``, ``s = m / (‖V‖ + eps)``,
+  ``W' = V ⊙ (w·(s − 1) + 1)`` (the multiplier scales the rescale, not ΔW — LyCORIS's forward pass).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from loratools import dora
 from loratools.adapter import Adapter, Layer
 from loratools.checkpoint import Checkpoint, open_safetensors, safe_load_pickle
 from loratools.errors import LoraToolsError
@@ -53,10 +58,9 @@ def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: l
                     f"{'×'.join(map(str, shape))}; adapter for another base model?"
                 )
             if layer.magnitude is not None:
-                if getattr(layer, "embedding", False) or (layer.magnitude_axis != "out" and layer.is_conv):
-                    what = "an embedding" if getattr(layer, "embedding", False) else "a conv layer"
-                    raise LoraToolsError(f"{label}: DoRA on {name} ({what}, magnitude per {layer.magnitude_axis}) "
-                                         "is not supported by bake; refusing rather than guessing its normalisation")
+                if getattr(layer, "embedding", False):
+                    raise LoraToolsError(f"{label}: DoRA on embedding {name} is not supported by bake; "
+                                         "refusing rather than guessing its normalisation")
             plan.setdefault(key, []).append((layer, w))
     return plan
 
@@ -64,17 +68,22 @@ def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: l
 def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float]]) -> torch.Tensor:
     """``weight`` with each (layer, w) applied in order (DoRA layers renormalise; see module doc)."""
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w_mat = weight.to(work).reshape(weight.shape[0], -1)
+    current = weight.to(work)
     for layer, w in items:
         left, right = layer.factors(work)
-        merged = w_mat + w * (left @ right.T)
-        if layer.magnitude is not None:
-            axis = 1 if layer.magnitude_axis == "out" else 0
-            norm = merged.norm(dim=axis, keepdim=True)
-            mag = layer.magnitude.to(work).reshape(norm.shape)
-            merged = merged * (mag / norm)
-        w_mat = merged
-    return w_mat.reshape(weight.shape)
+        delta = (left @ right.T).reshape(weight.shape)
+        if layer.magnitude is None:
+            current = current + w * delta
+            continue
+        axis, mag = layer.magnitude_axis, layer.magnitude.to(work).reshape(-1)
+        if dora.convention(layer) == dora.LYCORIS:
+            v = current + delta
+            s = w * (mag / (dora.norms(v, axis) + dora.layer_eps(layer)) - 1) + 1
+        else:
+            v = current + w * delta
+            s = mag / dora.norms(v, axis)
+        current = v * dora.broadcast(s, tuple(v.shape), axis)
+    return current
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], list[str]]:

@@ -53,7 +53,7 @@ def norms(v: torch.Tensor, axis: str) -> torch.Tensor:
     return v.transpose(0, 1).reshape(v.shape[1], -1).norm(dim=1)
 
 
-def _broadcast(x: torch.Tensor, shape: tuple[int, ...], axis: str) -> torch.Tensor:
+def broadcast(x: torch.Tensor, shape: tuple[int, ...], axis: str) -> torch.Tensor:
     if axis == "out":
         return x.reshape(shape[0], *([1] * (len(shape) - 1)))
     return x.reshape(1, shape[1], *([1] * (len(shape) - 2)))
@@ -63,7 +63,7 @@ def dora_weight(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, a
     """``W' = m · (W + ΔW) / (‖W + ΔW‖ + eps)`` with the norm along ``axis``."""
     v = w + delta.reshape(w.shape)
     n = norms(v, axis) + eps
-    return v * _broadcast(magnitude.reshape(-1).to(v.dtype) / n, tuple(v.shape), axis)
+    return v * broadcast(magnitude.reshape(-1).to(v.dtype) / n, tuple(v.shape), axis)
 
 
 def effective_delta(layer: Layer, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -164,3 +164,23 @@ def test_mixed_dora_and_plain_layers_to_peft(tmp_path, cli):
     got = peft_deltas(out, base)
     for n in SHAPES:
         assert rel(got[n], eff[n]) < 5e-6, n
+
+
+@pytest.mark.parametrize("on_output", [True, False])
+@pytest.mark.parametrize("mult", [1.0, 0.5, 1.7])
+def test_bake_lycoris_dora_at_a_multiplier_matches_lycoris_forward(tmp_path, cli, on_output, mult):
+    """bake A:w of a LyCORIS DoRA adapter equals LyCORIS's forward at multiplier w (rescale, not ΔW, is weighted)."""
+    from safetensors.torch import load_file
+
+    from tests.lyco_models import effective, lycoris_net, save_lycoris
+
+    model, net, base = lycoris_net("lora", dora_wd=True, wd_on_output=on_output)
+    f, b = save_lycoris(net, base, tmp_path)
+    net.set_multiplier(mult)
+    eff = effective(model, base)
+    baked = tmp_path / "baked.safetensors"
+    cli.ok("bake", "--base", b, f"{f}:{mult}", "-o", baked)
+    sd = load_file(str(baked))
+    for n in base:  # a Linear, a 3x3 conv and a 1x1 conv
+        got = sd[f"{n}.weight"] - base[n]
+        assert float((got - eff[n]).norm() / eff[n].norm()) < 1e-5, n
