@@ -27,7 +27,7 @@ import torch
 
 from loratools import dora
 from loratools.adapter import Adapter, Layer
-from loratools.checkpoint import Checkpoint, open_safetensors, safe_load_pickle
+from loratools.checkpoint import Checkpoint, is_safetensors, open_safetensors, safe_load_pickle
 from loratools.errors import LoraToolsError
 from loratools.formats import load_adapter
 from loratools.formats.common import atomic_path, check_output, save_safetensors, split_component
@@ -87,7 +87,7 @@ def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float]]) -> torc
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], list[str]]:
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         f = open_safetensors(path)
         return None, dict(f.metadata() or {}), list(f.keys())
     sd = safe_load_pickle(path)
@@ -101,11 +101,12 @@ def bake(
     dtype: torch.dtype | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict:
     """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
-    out = check_output(out, force)
+    out = check_output(out, force, [base, *(p for p, _ in adapters)])
     ckpt = Checkpoint(base)
-    loaded = [(load_adapter(p, base=ckpt), float(w)) for p, w in adapters]
+    loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite), float(w)) for p, w in adapters]
     labels = [str(p) for p, _ in adapters]
     plan = plan_bake(ckpt, loaded, labels)
     is_dir = ckpt.path.is_dir()
@@ -128,7 +129,7 @@ def bake(
                 total_size += tensors[k].numel() * tensors[k].element_size()
                 weight_map[k] = f.name
             dest = tmp / f.name if is_dir else tmp
-            if f.suffix == ".safetensors":
+            if is_safetensors(f):
                 save_safetensors(tensors, dest, meta)
             else:
                 torch.save(tensors, dest)

@@ -27,6 +27,28 @@ DTYPES = {
 }
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def is_safetensors(path: Path) -> bool:
+    """True for a ``.safetensors`` name, or for any other non-pickle name whose bytes start like one.
+
+    safetensors files begin with an 8-byte little-endian header length followed by a JSON object, so
+    an output written without the extension (``-o merged``) is still recognised and never handed to
+    ``torch.load``.
+    """
+    if path.suffix == ".safetensors":
+        return True
+    if path.suffix in PICKLE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def open_safetensors(path: Path):
     """safe_open with a one-line error for a missing, truncated or corrupt file."""
     try:
@@ -118,9 +140,9 @@ class Checkpoint:
                 self._where[k] = f
 
     def _file_keys(self, f: Path) -> list[str]:
-        if f.suffix == ".safetensors":
+        if is_safetensors(f):
             return list(self._handle(f).keys())
-        if f.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        if f.suffix in PICKLE_SUFFIXES:
             return list(self._pickle(f).keys())
         raise LoraToolsError(f"{f}: unsupported checkpoint file type (expected .safetensors, .bin or .pt)")
 
@@ -151,19 +173,19 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         f = self._check(key)
-        if f.suffix == ".safetensors":
+        if is_safetensors(f):
             return tuple(self._handle(f).get_slice(key).get_shape())
         return tuple(self._pickle(f)[key].shape)
 
     def dtype(self, key: str) -> torch.dtype:
         f = self._check(key)
-        if f.suffix == ".safetensors":
+        if is_safetensors(f):
             return DTYPES.get(self._handle(f).get_slice(key).get_dtype(), torch.float32)
         return self._pickle(f)[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
         f = self._check(key)
-        if f.suffix == ".safetensors":
+        if is_safetensors(f):
             try:
                 return self._handle(f).get_tensor(key)
             except Exception as exc:
@@ -176,7 +198,7 @@ class Checkpoint:
 
     def metadata(self) -> dict[str, str]:
         f = self.files[0]
-        if f.suffix == ".safetensors":
+        if is_safetensors(f):
             return dict(self._handle(f).metadata() or {})
         return {}
 

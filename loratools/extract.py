@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 from loratools.adapter import Adapter, LoraLayer
-from loratools.checkpoint import DTYPES, Checkpoint
+from loratools.checkpoint import DTYPES, Checkpoint, is_safetensors
+from loratools.device import resolve_device
 from loratools.errors import LoraToolsError
 from loratools.linalg import RankRule, frobenius_sq, lora_from_svd, randomized_svd, truncated_svd
 from loratools.stats import spectrum_stats
@@ -80,13 +81,13 @@ class TensorStream:
 
     def owns(self, key: str) -> bool:
         """Whether :meth:`read` returns a fresh buffer the caller may modify in place."""
-        return self.ckpt.file_of(key).suffix == ".safetensors"
+        return is_safetensors(self.ckpt.file_of(key))
 
     def read(self, key: str, scratch: bool = False) -> torch.Tensor:
         """The tensor ``key``. With ``scratch`` it is read into a buffer this stream reuses: already
         paged in (no page faults for a fresh layer-sized allocation), valid until the next scratch read."""
         f = self.ckpt.file_of(key)
-        if f.suffix != ".safetensors":
+        if not is_safetensors(f):
             return self.ckpt.get(key)
         start, header = self._header(f)
         info = header[key]
@@ -243,16 +244,6 @@ class ExtractResult:
     changed_vectors: list[dict]
     full: list[str]
     summary: dict
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraToolsError("--device cuda requested but torch sees no CUDA device")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LoraToolsError(f"unknown device {device!r}; expected auto, cpu or cuda")
-    return torch.device(device)
 
 
 def _read_diff(

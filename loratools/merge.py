@@ -336,6 +336,7 @@ def merge_adapters(
 
     report = MergeReport(method=method, exact=method in EXACT_METHODS, rank=new_rank, device=str(dev), warnings=warnings)
     layers: dict[str, Layer] = {}
+    cancelled: list[str] = []
     for name in (progress(order, len(order)) if progress else order):
         present = [(ad.layers[name], w) for ad, w in zip(adapters, weights) if name in ad.layers]
         like = present[0][0]
@@ -344,6 +345,10 @@ def merge_adapters(
         t_left = torch.cat([t[0] for t in targets], 1)
         t_right = torch.cat([t[1] for t in targets], 1)
         spectrum = None
+        scale_ref = sum(math.sqrt(factored_norm2(t[0], t[1])) for t in targets)
+        if method in EXACT_METHODS and math.sqrt(factored_norm2(t_left, t_right)) <= 1e-6 * scale_ref:
+            cancelled.append(name)  # Σ wᵢΔWᵢ = 0 up to rounding: writing float noise as a layer helps nobody
+            continue
         if method in EXACT_METHODS:
             new, spectrum = _merge_exact(t_left, t_right, like, out_dtype,
                                          None if method == "cat" and rank is None else new_rank)
@@ -354,6 +359,9 @@ def merge_adapters(
         else:
             new = _merge_dense(base_method, present, like, density, majority_sign, gen, work, dev, out_dtype,
                                new_rank, seed, exact_svd)
+        if new is None:
+            cancelled.append(name)
+            continue
         new = _finish(new, like)
         if spectrum is not None:  # exact methods: the error is the discarded part of the exact spectrum
             target, err = spectrum
@@ -364,6 +372,10 @@ def merge_adapters(
         report.layers.append(LayerMerge(name, len(present), new.rank, math.sqrt(target),
                                         math.sqrt(err / target) if target > 0 else 0.0))
         layers[name] = new
+    if cancelled:
+        warnings.append(f"{len(cancelled)} layer(s) cancel out to a zero delta and were left out (e.g. {cancelled[0]})")
+    if rank is not None and any(r.relative_error > 1e-6 for r in report.layers):
+        report.exact = False  # an exact method truncated to --rank is the optimal approximation, not exact
 
     first = adapters[0]
     extra = dict(first.extra_tensors)
@@ -433,7 +445,7 @@ def _merge_ab(method: str, present: list[tuple[Layer, float]], like: Layer, dens
 
 def _merge_dense(method: str, present: list[tuple[Layer, float]], like: Layer, density: float | None,
                  majority_sign: str, gen: torch.Generator | None, work: torch.dtype, dev: torch.device,
-                 dtype: torch.dtype, rank: int, seed: int, exact_svd: bool) -> LoraLayer:
+                 dtype: torch.dtype, rank: int, seed: int, exact_svd: bool) -> LoraLayer | None:
     """Dense ΔWᵢ (PEFT's layout: [out, in(, kh, kw)], embeddings [vocab, dim]) → combine → rank-k SVD."""
     deltas = []
     for layer, _ in present:
@@ -443,4 +455,6 @@ def _merge_dense(method: str, present: list[tuple[Layer, float]], like: Layer, d
     del deltas
     m = merged.reshape(merged.shape[0], -1)
     u, s, vh, _ = truncated_svd(m, RankRule("rank", float(min(rank, *m.shape))), seed=seed, exact=exact_svd)
+    if s.numel() == 0:  # the combination is exactly zero
+        return None
     return lora_from_svd(u.cpu(), s.cpu(), vh.cpu(), like.shape, dtype)

@@ -190,3 +190,47 @@ def test_outputs_get_umask_permissions(cli, tmp_path):
     os.umask(mask)
     assert (tmp_path / "k.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     assert (tmp_path / "p").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_output_that_is_an_input_is_refused_even_with_force(cli, tmp_path):
+    import shutil
+
+    shutil.copytree(SAMPLES / "peft_lora", tmp_path / "a")
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    cli.fails("resize", tmp_path / "a", "-o", tmp_path / "a", "--rank", "2", "--force", match="output is the input")
+    cli.fails("convert", tmp_path / "a", "--to", "peft", "-o", tmp_path, "--force", match="output is the input")
+    cli.fails("merge", tmp_path / "a", SAMPLES / "peft_lora", "-o", tmp_path / "a", "--force", match="output is the input")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_output_without_extension_is_read_back_as_safetensors(cli, tmp_path):
+    cli.ok("convert", SAMPLES / "peft_lora", "--to", "kohya", "-o", tmp_path / "noext")
+    doc = json.loads(cli.ok("inspect", tmp_path / "noext", "--json").stdout)
+    assert doc["format"] == "kohya" and len(doc["layers"]) == 14
+
+
+def test_cancelling_merge_and_bad_device_and_top(cli, tmp_path):
+    p = SAMPLES / "peft_lora"
+    for method in ("svd", "ties_svd"):
+        cli.fails("merge", f"{p}:1", f"{p}:-1", "--method", method, "--density", "0.5", "-o", tmp_path / "m",
+                  match="cancel out")
+    cli.fails("merge", p, p, "--device", "foo", "-o", tmp_path / "m", match="unknown device 'foo'")
+    assert list(tmp_path.iterdir()) == []
+    res = cli("inspect", p, "--top", "-1")
+    assert res.exit_code == 2
+
+
+def test_rslora_alpha_to_kohya_keeps_the_scale_in_fp16(cli, tmp_path):
+    from loratools.formats import load_adapter
+
+    g = torch.Generator().manual_seed(0)
+    d = tmp_path / "a"
+    d.mkdir()
+    save_file({"base_model.model.x.lora_A.weight": torch.randn(8, 16, generator=g).half(),
+               "base_model.model.x.lora_B.weight": torch.randn(12, 8, generator=g).half()},
+              str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 7,
+                                                       "use_rslora": True, "target_modules": ["x"]}))
+    cli.ok("convert", d, "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    src, out = load_adapter(d).layers["x"], load_adapter(tmp_path / "k.safetensors").layers["lora_unet_x"]
+    assert out.scale == pytest.approx(src.scale, rel=1e-7)

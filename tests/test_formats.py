@@ -194,7 +194,8 @@ def test_converted_peft_loads_in_peft_with_same_outputs(cli, tmp_path, src):
 def test_dtype_option(cli, tmp_path, samples):
     cli.ok("convert", samples / "peft_lora", "--to", "kohya", "-o", tmp_path / "k.safetensors", "--dtype", "bf16")
     t = tensors_of(tmp_path / "k.safetensors")
-    assert all(v.dtype == torch.bfloat16 for v in t.values())
+    assert all(v.dtype == torch.bfloat16 for k, v in t.items() if not k.endswith(".alpha"))
+    assert all(v.dtype == torch.float32 for k, v in t.items() if k.endswith(".alpha"))  # scale never rounded
 
 
 def test_loralayer_shape_checks():

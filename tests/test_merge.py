@@ -174,6 +174,12 @@ def test_svd_merge_property_full_rank_is_exact(m, n, r1, r2, w1, w2, seed):
     exact = w1 * a.layers["x"].delta(torch.float64) + w2 * b.layers["x"].delta(torch.float64)
     for method in ("svd", "cat"):
         merged, report = merge_adapters([(a, w1), (b, w2)], method=method, rank=r1 + r2 if method == "svd" else None)
+        if w1 == w2 == 0:  # Σ wᵢΔWᵢ = 0: the layer is left out rather than written as noise
+            assert merged.layers == {} and "cancel out" in report.warnings[-1]
+            continue
+        if "x" not in merged.layers:  # only when the delta underflows float32 (weights like 1e-266)
+            assert float(exact.norm()) < 1e-30
+            continue
         got = merged.layers["x"].delta(torch.float64)
         assert float((got - exact).norm()) <= 1e-5 * max(float(exact.norm()), 1e-6)
         assert report.layers[0].relative_error < 1e-4 or float(exact.norm()) < 1e-6

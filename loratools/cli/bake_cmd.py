@@ -13,6 +13,7 @@ from loratools.cli.common import (
     handle_errors,
     json_option,
     main,
+    nonfinite_option,
     parse_dtype,
     progress,
     quiet_option,
@@ -29,16 +30,18 @@ from loratools.merge import parse_weighted_spec
 @force_option
 @json_option
 @quiet_option
+@nonfinite_option
 @handle_errors
-def bake_command(specs, base, out, dtype, force, as_json, quiet):
+def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite):
     """Write BASE + Σ wᵢ·ΔWᵢ as a full checkpoint (same files, keys, dtype; configs copied).
 
-    Adapters apply in the order given, like PEFT's merge_and_unload; DoRA layers use PEFT's merge
-    formula m·(W + w·ΔW)/‖W + w·ΔW‖ (row norms). Kohya names are resolved against BASE.
+    Adapters apply in the order given, like PEFT's merge_and_unload; DoRA layers use their source
+    library's formula: PEFT m·(W + w·ΔW)/‖W + w·ΔW‖, LyCORIS V·(w·(m/(‖V‖+eps) − 1) + 1) with V = W + ΔW.
+    Kohya names are resolved against BASE.
     """
     parsed = [parse_weighted_spec(s) for s in specs]
     doc = bake(base, parsed, out, dtype=parse_dtype(dtype), force=force,
-               progress=lambda it, n: progress(it, n, "bake", quiet or as_json))
+               progress=lambda it, n: progress(it, n, "bake", quiet or as_json), allow_nonfinite=allow_nonfinite)
     if as_json:
         emit_json(doc)
         return

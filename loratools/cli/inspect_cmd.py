@@ -27,7 +27,7 @@ from loratools.inspect import inspect_adapter
 @format_option
 @json_option
 @click.option("--plot", type=click.Path(), default=None, help="Write spectra + effective-rank plots to this PNG.")
-@click.option("--top", type=int, default=3, show_default=True, help="Singular values shown per layer in the table.")
+@click.option("--top", type=click.IntRange(min=0), default=3, show_default=True, help="Singular values shown per layer in the table.")
 @nonfinite_option
 @quiet_option
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")

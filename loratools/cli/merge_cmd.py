@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-import torch
 from tabulate import tabulate
 
 from loratools.checkpoint import Checkpoint
@@ -22,20 +21,11 @@ from loratools.cli.common import (
     progress,
     quiet_option,
 )
+from loratools.device import resolve_device
 from loratools.errors import LoraToolsError
 from loratools.formats import FORMATS, load_adapter, save_adapter
 from loratools.formats.common import check_output
 from loratools.merge import METHODS, merge_adapters, parse_weighted_spec
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → cuda when available, else cpu; an unavailable cuda is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraToolsError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
-    return device
-
 
 HELP = """Merge weighted adapters A[:W] B[:W] ... into one LoRA (PEFT add_weighted_adapter semantics).
 
@@ -82,9 +72,9 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, base,
                   dtype, force, allow_nonfinite, as_json, quiet):
     parsed = [parse_weighted_spec(s) for s in specs]
-    out_path = check_output(out, force)
+    out_path = check_output(out, force, [p for p, _ in parsed] + [base])
     dt = parse_dtype(dtype)
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))
     ckpt = Checkpoint(base) if base else None
     inputs = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite), w) for p, w in parsed]
     merged, report = merge_adapters(
@@ -92,6 +82,8 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
         exact_svd=exact_svd, labels=[p for p, _ in parsed],
         progress=lambda it, n: progress(it, n, "merge", quiet or as_json),
     )
+    if not merged.layers:
+        raise LoraToolsError("the weighted adapters cancel out: every merged layer is zero, nothing to write")
     fmt_out = out_format or merged.format
     save_adapter(merged, out_path, fmt_out, force=force, dtype=dt)
     doc = {"inputs": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}

@@ -7,13 +7,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from loratools.checkpoint import open_safetensors, safe_load_pickle
+from loratools.checkpoint import is_safetensors, open_safetensors, safe_load_pickle
 from loratools.errors import LoraToolsError
 
 #: kohya prefix → diffusers pipeline component
@@ -36,7 +36,7 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "trans
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and header metadata of an adapter file (.safetensors, or .bin/.pt safely)."""
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         f = open_safetensors(path)
         out = {}
         for k in f.keys():
@@ -68,9 +68,20 @@ def split_component(name: str) -> tuple[str | None, str]:
     return None, name
 
 
-def check_output(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing output without ``--force`` (checked before any work)."""
+def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse to replace an existing output without ``--force`` (checked before any work).
+
+    An output that is one of the ``inputs``, or a folder holding one, is refused even with ``--force``:
+    inputs are never modified.
+    """
     p = Path(out)
+    target = p.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).resolve()
+        if src == target or target in src.parents:
+            raise LoraToolsError(f"{p}: output is the input {inp}; inputs are never overwritten, choose another -o")
     if p.exists() and not force:
         raise LoraToolsError(f"{p}: output already exists (use --force to replace it)")
     if not p.parent.exists():

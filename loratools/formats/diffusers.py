@@ -87,7 +87,9 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
         tensors[stem + ".lora_A.weight"] = layer.down if dtype is None else layer.down.to(dtype)
         tensors[stem + ".lora_B.weight"] = layer.up if dtype is None else layer.up.to(dtype)
         if abs(layer.scale - 1.0) > 0 or layer.meta.get("alpha_dtype") is not None:
-            alpha = layer.scale * layer.rank
-            tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=layer.meta.get("alpha_dtype") or (dtype or layer.dtype))
+            plain = layer.alpha is not None and not layer.rslora
+            alpha = layer.alpha if plain else layer.scale * layer.rank
+            kept = layer.meta.get("alpha_dtype") if plain and dtype is None else None
+            tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=kept or torch.float32)
     with atomic_path(out, force, is_dir=False) as tmp:
         save_safetensors(tensors, tmp, embed_peft_config(adapter, adapter.metadata))

@@ -146,7 +146,10 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
         tensors[stem + ".lora_up.weight"] = layer.up if dtype is None else layer.up.to(dtype)
         alpha = layer.alpha if not layer.rslora else layer.scale * layer.rank  # kohya has no rsLoRA
         if alpha is not None:
-            adtype = layer.meta.get("alpha_dtype") or (dtype or layer.dtype)
+            # alpha keeps its stored dtype on a plain copy (bit-exact round trips); any alpha that was
+            # computed (rsLoRA → kohya) or re-typed is written in float32 so the scale is not rounded to fp16
+            kept = layer.meta.get("alpha_dtype") if not layer.rslora and dtype is None else None
+            adtype = kept or torch.float32
             tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=adtype)
     with atomic_path(out, force, is_dir=False) as tmp:
         save_safetensors(tensors, tmp, build_metadata(adapter))
