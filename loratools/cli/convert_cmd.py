@@ -75,7 +75,8 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     if as_json:
         emit_json(clean_floats(doc))
         return
-    changed = [r for r in rows if r["action"] != "copied"]
+    # a plain format change (every layer copied) needs no table; otherwise show every layer, copies included
+    changed = rows if any(r["action"] != "copied" for r in rows) else []
     if changed:
         table = [[r["name"], r["source_type"], "×".join(map(str, r["shape"])), r["source_rank"], r["rank"],
                   r["action"], fmt(r["retained_energy"], 6), fmt(r["relative_error"], 3), fmt(r["optimal_error"], 3)]
