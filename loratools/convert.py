@@ -30,7 +30,7 @@ from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.layers import LohaLayer, LokrLayer, exact_svd, spectrum
-from loratools.linalg import RankRule, compute_dtype, lora_from_svd, svd, truncated_svd
+from loratools.linalg import RankRule, compute_dtype, factored_norm2, lora_from_svd, svd, truncated_svd
 from loratools.stats import layer_type
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -90,6 +90,18 @@ def check_convertible(adapter: Adapter, to_format: str, fold_dora: bool, base: C
                 f"{name}: LyCORIS dora_scale {tuple(layer.magnitude.shape)} is per input column (wd_on_output=False); "
                 "PEFT DoRA has no such form: use --fold-dora --base CKPT to fold it into plain LoRA"
             )
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def stored_error(layer: Layer, new: LoraLayer, dtype: torch.dtype) -> float:
+    """‖ΔW_stored − ΔW‖_F / ‖ΔW‖_F for ``new`` with its factors rounded to ``dtype``, from the factors."""
+    stored = replace(new, down=new.down.to(dtype), up=new.up.to(dtype))
+    l0, r0 = layer.factors(torch.float64)
+    l1, r1 = stored.factors(torch.float64)
+    total = factored_norm2(l0, r0)
+    return math.sqrt(factored_norm2(torch.cat([l1, -l0], 1), torch.cat([r1, r0], 1)) / total) if total > 0 else 0.0
 
 
 def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, float]:
@@ -201,14 +213,18 @@ def convert_adapter(
                                 magnitude=layer.magnitude, magnitude_axis=layer.magnitude_axis,
                                 embedding=layer.embedding, meta=dict(layer.meta))
                 energy, err, action = 1.0, 0.0, "copied"
+                math_err = 0.0
             else:
                 if getattr(layer, "embedding", False):
                     raise LoraToolsError(f"{name}: rank rules on embedding LoRA layers are not supported")
                 new, energy, err = _to_lora(layer, rule)
                 action = "exact" if rule is None else "truncated"
+                math_err = err
+                if (dtype or new.dtype) in HALF:  # report what is stored: fp16/bf16 rounding included
+                    err = stored_error(layer, new, dtype or new.dtype)
             # an exact spectrum makes the truncation Eckart–Young optimal; a large full diff may be randomized
             randomized = isinstance(layer, FullLayer) and rule is not None and min(layer.matrix_shape) > EXACT_BELOW
-            optimum = None if randomized else err
+            optimum = None if randomized else math_err
             row = LayerConversion(name, src_type, list(layer.shape), layer.rank, new.rank, energy, err, optimum, action)
             if layer.magnitude is not None:
                 target_conv = dora.LYCORIS if to_format == "kohya" else dora.PEFT

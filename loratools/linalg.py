@@ -33,6 +33,12 @@ def svd(matrix: torch.Tensor) -> Svd:
     return torch.linalg.svd(a, full_matrices=False)
 
 
+def factored_norm2(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖L Rᵀ‖_F² = Σ (LᵀL) ⊙ (RᵀR), in float64, without forming the m×n product."""
+    left, right = left.double(), right.double()
+    return max(float(((left.T @ left) * (right.T @ right)).sum()), 0.0)
+
+
 def factored_svd(left: torch.Tensor, right: torch.Tensor) -> Svd:
     """Exact thin SVD of ``left @ right.T`` without forming it.
 

@@ -44,8 +44,7 @@ from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.formats.common import mangle, split_component
 from loratools.formats.kohya import split_prefix
-from loratools.linalg import RankRule, factored_svd, lora_from_svd, truncated_svd
-from loratools.resize import factored_norm2
+from loratools.linalg import RankRule, factored_norm2, factored_svd, lora_from_svd, truncated_svd
 
 Progress = Callable[[Iterable, int], Iterable]
 

@@ -30,7 +30,7 @@ import torch
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.layers import exact_svd
-from loratools.linalg import RankRule, lora_from_svd
+from loratools.linalg import RankRule, factored_norm2, lora_from_svd
 
 Progress = Callable[[Iterable, int], Iterable]
 
@@ -104,12 +104,6 @@ def _selected(name: str, layer: Layer, include: list[str], exclude: list[str]) -
     if include and not any(fnmatch.fnmatchcase(n, g) for n in names for g in include):
         return False
     return not any(fnmatch.fnmatchcase(n, g) for n in names for g in exclude)
-
-
-def factored_norm2(left: torch.Tensor, right: torch.Tensor) -> float:
-    """‖L Rᵀ‖_F² = Σ (LᵀL) ⊙ (RᵀR), in float64, without forming the m×n product."""
-    left, right = left.double(), right.double()
-    return max(float(((left.T @ left) * (right.T @ right)).sum()), 0.0)
 
 
 def _compute_dtype(layer: Layer) -> torch.dtype:

@@ -172,3 +172,23 @@ def test_bake_resize_merge_accept_lycoris(algo, kw, tmp_path, cli):
         ad = load_adapter(out, base=b)
         for n in SHAPES:
             assert rel(ad.layers[n].delta().reshape(SHAPES[n]), eff[n]) < 3e-6, (out.name, n)
+
+
+def test_reported_error_includes_fp16_storage(tmp_path, cli):
+    """An exact conversion stored in fp16 reports its real (rounding) error; the optimum stays 0."""
+    import json as _json
+
+    from tests.conftest import SAMPLES
+
+    res = cli.ok("convert", SAMPLES / "lycoris.safetensors", "--to", "kohya", "-o", tmp_path / "k.safetensors",
+                 "--base", SAMPLES / "unet_base.safetensors", "--json")
+    rows = {r["name"]: r for r in _json.loads(res.stdout)["per_layer"]}
+    loha = rows["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert loha["action"] == "exact" and loha["optimal_error"] == 0
+    assert 1e-5 < loha["relative_error"] < 1e-3
+    ad = load_adapter(tmp_path / "k.safetensors", base=SAMPLES / "unet_base.safetensors")
+    src = load_adapter(SAMPLES / "lycoris.safetensors", base=SAMPLES / "unet_base.safetensors")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    ref = src.layers[name].delta(torch.float64)
+    got = ad.layers[name].delta(torch.float64)
+    assert float((got - ref).norm() / ref.norm()) == pytest.approx(loha["relative_error"], rel=1e-3)
