@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from loratools.adapter import LoraLayer
 from loratools.checkpoint import is_safetensors, open_safetensors, safe_load_pickle
 from loratools.errors import LoraToolsError
 
@@ -173,3 +174,24 @@ def take_peft_config(adapter) -> None:
         adapter.config = json.loads(text)
     except json.JSONDecodeError:
         adapter.warnings.append(f"metadata {PEFT_CONFIG_KEY} is not valid JSON; ignored")
+
+
+def lora_from_parts(parts: dict[str, torch.Tensor], label: str, names: tuple[str, str] = ("down", "up")) -> LoraLayer:
+    """A LoraLayer from a reader's ``{"down", "up"[, "alpha"]}`` tensors; errors name ``label`` and the tensor.
+
+    ``names`` are the on-disk names of the two factors, used in the error for a missing one.
+    """
+    for slot, disk in zip(("down", "up"), names):
+        if slot not in parts:
+            raise LoraToolsError(f"{label} has no {disk} tensor")
+    try:
+        layer = LoraLayer(down=parts["down"], up=parts["up"])
+    except LoraToolsError as exc:
+        raise LoraToolsError(f"{label}: {exc}") from None
+    if "alpha" in parts:
+        a = parts["alpha"]
+        if a.numel() != 1:
+            raise LoraToolsError(f"{label}.alpha must be a scalar, got shape {tuple(a.shape)}")
+        layer.alpha = float(a.reshape(()).float())
+        layer.meta["alpha_dtype"] = a.dtype
+    return layer

@@ -20,6 +20,7 @@ from loratools.formats.common import (
     atomic_path,
     embed_peft_config,
     guess_component,
+    lora_from_parts,
     save_safetensors,
     split_component,
     take_peft_config,
@@ -51,15 +52,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     adapter = Adapter(layers={}, format="diffusers", metadata=dict(metadata), source=source)
     take_peft_config(adapter)
     for mod, p in parts.items():
-        if "down" not in p or "up" not in p:
-            raise LoraToolsError(f"{source}: {mod} has no lora {'down' if 'down' not in p else 'up'} tensor")
-        try:
-            layer = LoraLayer(down=p["down"], up=p["up"])
-        except LoraToolsError as exc:
-            raise LoraToolsError(f"{source}: {mod}: {exc}") from None
-        if "alpha" in p:
-            layer.alpha = float(p["alpha"].reshape(()).float())
-            layer.meta["alpha_dtype"] = p["alpha"].dtype
+        layer = lora_from_parts(p, f"{source}: {mod}", ("lora down", "lora up"))
         layer.meta["component"] = split_component(mod)[0]
         adapter.layers[mod] = layer
     components = {layer.meta["component"] for layer in adapter.layers.values()}

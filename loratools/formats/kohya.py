@@ -24,6 +24,7 @@ from loratools.formats.common import (
     atomic_path,
     embed_peft_config,
     guess_component,
+    lora_from_parts,
     mangle,
     save_safetensors,
     split_component,
@@ -63,19 +64,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     adapter = Adapter(layers={}, format="kohya", metadata=dict(metadata), source=source, resolved=False)
     take_peft_config(adapter)
     for stem, p in groups.items():
-        if "down" not in p or "up" not in p:
-            missing = "lora_down.weight" if "down" not in p else "lora_up.weight"
-            raise LoraToolsError(f"{source}: {stem} has no {missing} tensor")
-        try:
-            layer = LoraLayer(down=p["down"], up=p["up"])
-        except LoraToolsError as exc:
-            raise LoraToolsError(f"{source}: {stem}: {exc}") from None
-        if "alpha" in p:
-            a = p["alpha"]
-            if a.numel() != 1:
-                raise LoraToolsError(f"{source}: {stem}.alpha must be a scalar, got shape {tuple(a.shape)}")
-            layer.alpha = float(a.reshape(()).float())
-            layer.meta["alpha_dtype"] = a.dtype
+        layer = lora_from_parts(p, f"{source}: {stem}", ("lora_down.weight", "lora_up.weight"))
         prefix, _ = split_prefix(stem)
         layer.meta["kohya_stem"] = stem
         layer.meta["component"] = KOHYA_PREFIXES.get(prefix) if prefix else None
