@@ -46,7 +46,7 @@ def checkpoint_options(fn):
 
 @main.command("extract")
 @checkpoint_options
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output: PEFT folder or kohya .safetensors file.")
+@click.option("-o", "--output", "--out", "out", required=True, type=click.Path(), help="Output: PEFT folder or kohya .safetensors file.")
 @rank_rule_options
 @click.option("--conv-rank", type=int, default=None, help="Fixed rank for conv layers (default: the main rule).")
 @click.option("--format", "out_format", default="peft", type=click.Choice(["peft", "kohya"]), show_default=True)
