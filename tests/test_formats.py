@@ -228,7 +228,13 @@ def test_peft_made_adapter_survives_kohya_and_diffusers_round_trip(cli, tmp_path
     cli.ok("convert", tmp_path / "d.safetensors", "--to", "peft", "-o", tmp_path / "back", "--base", base)
     from tests.conftest import tiny_llama as fresh
 
-    loaded = PeftModel.from_pretrained(fresh(seed=3), str(tmp_path / "back")).eval()
+    back = load_adapter(tmp_path / "back")
+    assert back.layers["model.embed_tokens"].embedding  # remembered through kohya and diffusers metadata
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. PEFT's "Found missing adapter keys" must not happen
+        loaded = PeftModel.from_pretrained(fresh(seed=3), str(tmp_path / "back")).eval()
     with torch.no_grad():
         got = loaded(x).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -19,10 +19,12 @@ from loratools.formats.common import (
     COMPONENTS,
     atomic_path,
     embed_peft_config,
+    embedding_metadata,
     guess_component,
     lora_from_parts,
     save_safetensors,
     split_component,
+    take_embedding_marks,
     take_peft_config,
 )
 
@@ -55,6 +57,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         layer = lora_from_parts(p, f"{source}: {mod}", ("lora down", "lora up"))
         layer.meta["component"] = split_component(mod)[0]
         adapter.layers[mod] = layer
+    take_embedding_marks(adapter)
     components = {layer.meta["component"] for layer in adapter.layers.values()}
     if len(components) == 1 and None not in components:
         # one model only: name layers by their module path in that model; the writer re-adds the prefix
@@ -69,6 +72,7 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             "pass --base CKPT (the model the adapter was trained on) to resolve them"
         )
     tensors: dict[str, torch.Tensor] = {}
+    embeddings: list[str] = []
     for name, layer in adapter.layers.items():
         if not isinstance(layer, LoraLayer):
             raise LoraToolsError(f"{name}: {layer.kind} layers have no diffusers LoRA form; convert them to LoRA first")
@@ -77,6 +81,8 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
         component, path = split_component(name)
         component = component or layer.meta.get("component") or guess_component(name)
         stem = f"{component}.{path}"
+        if layer.embedding:
+            embeddings.append(stem)
         tensors[stem + ".lora_A.weight"] = layer.down if dtype is None else layer.down.to(dtype)
         tensors[stem + ".lora_B.weight"] = layer.up if dtype is None else layer.up.to(dtype)
         if abs(layer.scale - 1.0) > 0 or layer.meta.get("alpha_dtype") is not None:
@@ -85,4 +91,4 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             kept = layer.meta.get("alpha_dtype") if plain and dtype is None else None
             tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=kept or torch.float32)
     with atomic_path(out, force, is_dir=False) as tmp:
-        save_safetensors(tensors, tmp, embed_peft_config(adapter, adapter.metadata))
+        save_safetensors(tensors, tmp, {**embed_peft_config(adapter, adapter.metadata), **embedding_metadata(embeddings)})

@@ -23,11 +23,13 @@ from loratools.formats.common import (
     KOHYA_PREFIXES,
     atomic_path,
     embed_peft_config,
+    embedding_metadata,
     guess_component,
     lora_from_parts,
     mangle,
     save_safetensors,
     split_component,
+    take_embedding_marks,
     take_peft_config,
 )
 
@@ -71,6 +73,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         adapter.layers[stem] = layer
     if not adapter.layers:
         raise LoraToolsError(f"{source}: no LoRA tensors found")
+    take_embedding_marks(adapter)
     _check_metadata(adapter)
     return adapter
 
@@ -120,6 +123,7 @@ def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None) ->
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
           prefix: str | None = None) -> None:
     tensors: dict[str, torch.Tensor] = {}
+    embeddings: list[str] = []
     for name, layer in adapter.layers.items():
         if not isinstance(layer, LoraLayer):
             raise LoraToolsError(f"{name}: {layer.kind} layers have no kohya LoRA form; convert them to LoRA first")
@@ -131,6 +135,8 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             tensors[stem + ".dora_scale"] = mag.reshape(shape) if dtype is None else mag.reshape(shape).to(dtype)
         if stem + ".lora_down.weight" in tensors:
             raise LoraToolsError(f"two layers map to the same kohya name {stem}")
+        if layer.embedding:
+            embeddings.append(stem)
         tensors[stem + ".lora_down.weight"] = layer.down if dtype is None else layer.down.to(dtype)
         tensors[stem + ".lora_up.weight"] = layer.up if dtype is None else layer.up.to(dtype)
         alpha = layer.alpha if not layer.rslora else layer.scale * layer.rank  # kohya has no rsLoRA
@@ -141,7 +147,7 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             adtype = kept or torch.float32
             tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=adtype)
     with atomic_path(out, force, is_dir=False) as tmp:
-        save_safetensors(tensors, tmp, build_metadata(adapter))
+        save_safetensors(tensors, tmp, {**build_metadata(adapter), **embedding_metadata(embeddings)})
 
 
 def build_metadata(adapter: Adapter) -> dict[str, str]:

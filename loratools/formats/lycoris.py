@@ -29,7 +29,7 @@ import torch
 
 from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.formats.common import take_peft_config
+from loratools.formats.common import take_embedding_marks, take_peft_config
 from loratools.layers import LohaLayer, LokrLayer, TuckerLoraLayer
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -252,6 +252,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         adapter.layers[stem] = layer
     if not adapter.layers:
         raise LoraToolsError(f"{source}: no LoRA/LyCORIS tensors found")
+    take_embedding_marks(adapter)
     return adapter
 
 
