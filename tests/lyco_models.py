@@ -79,3 +79,16 @@ def save_lycoris(net, base: dict[str, torch.Tensor], tmp: Path, dtype: torch.dty
     b = tmp / "base.safetensors"
     save_file({f"{n}.weight": w.contiguous() for n, w in base.items()}, str(b))
     return f, b
+
+
+def lycoris_loaded_effective(path: Path, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ΔW_eff of every module after LyCORIS's own loader (create_lycoris_from_weights) applies ``path``."""
+    from lycoris import create_lycoris_from_weights
+
+    fresh = Net()
+    with torch.no_grad():
+        for n, w in base.items():
+            getattr(fresh, n).weight.copy_(w)
+    net, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+    net.apply_to()
+    return effective(fresh, base)

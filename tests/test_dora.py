@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from lyco_models import SHAPES, Net, effective, lycoris_net, probe, save_lycoris
+from lyco_models import SHAPES, Net, effective, lycoris_loaded_effective, lycoris_net, probe, save_lycoris
 from safetensors.torch import load_file, save_file
 from test_convert_lycoris import peft_deltas, rel
 
@@ -62,20 +62,12 @@ def test_input_axis_dora_to_peft_refused(tmp_path, cli):
 
 
 def test_peft_dora_to_lycoris_exact(tmp_path, cli):
-    from lycoris import create_lycoris_from_weights
-
     folder, b, base, ref = peft_dora_model(tmp_path)
     out = tmp_path / "k.safetensors"
     cli.ok("convert", folder, "--to", "kohya", "-o", out, "--base", b, "--kohya-prefix", "lycoris_")
     sd = load_file(str(out))
     assert sd["lycoris_lin.dora_scale"].shape == (24, 1) and sd["lycoris_conv.dora_scale"].shape == (32, 1, 1, 1)
-    fresh = Net()
-    with torch.no_grad():
-        for n, w in base.items():
-            getattr(fresh, n).weight.copy_(w)
-    lnet, _ = create_lycoris_from_weights(1.0, str(out), fresh)
-    lnet.apply_to()
-    got = effective(fresh, base)
+    got = lycoris_loaded_effective(out, base)
     for n in SHAPES:
         assert rel(got[n], ref[n]) < 3e-6, n
     # and back to PEFT: magnitudes equal the originals (eps removed again)
@@ -170,9 +162,8 @@ def test_mixed_dora_and_plain_layers_to_peft(tmp_path, cli):
 @pytest.mark.parametrize("mult", [1.0, 0.5, 1.7])
 def test_bake_lycoris_dora_at_a_multiplier_matches_lycoris_forward(tmp_path, cli, on_output, mult):
     """bake A:w of a LyCORIS DoRA adapter equals LyCORIS's forward at multiplier w (rescale, not ΔW, is weighted)."""
+    from lyco_models import effective, lycoris_net, save_lycoris
     from safetensors.torch import load_file
-
-    from tests.lyco_models import effective, lycoris_net, save_lycoris
 
     model, net, base = lycoris_net("lora", dora_wd=True, wd_on_output=on_output)
     f, b = save_lycoris(net, base, tmp_path)

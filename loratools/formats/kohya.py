@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter, LoraLayer
+from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     COMPONENT_PREFIX,
@@ -47,6 +47,14 @@ def split_prefix(stem: str) -> tuple[str | None, str]:
     return None, stem
 
 
+def tag_stem(layer: Layer, stem: str) -> Layer:
+    """Record a layer's on-disk stem and its pipeline component (from the prefix) for resolution and writing."""
+    prefix, _ = split_prefix(stem)
+    layer.meta["kohya_stem"] = stem
+    layer.meta["component"] = KOHYA_PREFIXES.get(prefix) if prefix else None
+    return layer
+
+
 def is_kohya_key(key: str) -> bool:
     stem, _, suffix = key.partition(".")
     return bool(stem) and "." not in stem and (suffix in LORA_SUFFIXES or suffix.startswith(LYCORIS_MARKERS))
@@ -67,10 +75,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     take_peft_config(adapter)
     for stem, p in groups.items():
         layer = lora_from_parts(p, f"{source}: {stem}", ("lora_down.weight", "lora_up.weight"))
-        prefix, _ = split_prefix(stem)
-        layer.meta["kohya_stem"] = stem
-        layer.meta["component"] = KOHYA_PREFIXES.get(prefix) if prefix else None
-        adapter.layers[stem] = layer
+        adapter.layers[stem] = tag_stem(layer, stem)
     if not adapter.layers:
         raise LoraToolsError(f"{source}: no LoRA tensors found")
     take_embedding_marks(adapter)

@@ -233,7 +233,7 @@ def build_layer(p: dict[str, torch.Tensor], where: str, peft: tuple[float, int] 
 
 def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
     """A LyCORIS / kohya single file with any mix of LoRA, LoCon, LoHa, LoKr, full and DoRA layers."""
-    from loratools.formats.kohya import KOHYA_PREFIXES, split_prefix
+    from loratools.formats.kohya import tag_stem
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -245,11 +245,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     take_peft_config(adapter)
     for stem, p in groups.items():
         p.pop("scalar", None)
-        layer = build_layer(p, f"{source}: {stem}")
-        prefix, _ = split_prefix(stem)
-        layer.meta["kohya_stem"] = stem
-        layer.meta["component"] = KOHYA_PREFIXES.get(prefix) if prefix else None
-        adapter.layers[stem] = layer
+        adapter.layers[stem] = tag_stem(build_layer(p, f"{source}: {stem}"), stem)
     if not adapter.layers:
         raise LoraToolsError(f"{source}: no LoRA/LyCORIS tensors found")
     take_embedding_marks(adapter)
