@@ -3,7 +3,10 @@
 Per layer (the CLI only renders the returned report):
 
 * a plain LoRA layer without a rank rule is kept as it is (bit-exact copy);
-* any other layer (LoHa, LoKr, Tucker, full) or any layer under a rank rule becomes
+* without a rule, a LoHa or Tucker LoCon layer whose factor count (r₁r₂, r) is below min(m, n) is written from its
+  own exact factors, no SVD at all (:func:`loratools.linalg.lora_from_factors`: LoHa's Khatri–Rao products
+  ``(L₁ • L₂)(R₁ • R₂)ᵀ``, each rank-one term balanced), rank = the structural rank;
+* any other layer (LoKr, full, LoHa above that rank) or any layer under a rank rule becomes
   ``lora_from_svd(U, Σ, Vᵀ)`` of its **exact** SVD, computed from the structure and never from the dense
   delta (:func:`loratools.layers.exact_svd`: factored SVD of the exact factors; LoKr through the Kronecker
   identity, building only the kept singular vectors). Without a rule every structural singular value is kept
@@ -29,8 +32,16 @@ from loratools import dora
 from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.layers import LohaLayer, LokrLayer, exact_svd, spectrum
-from loratools.linalg import RankRule, compute_dtype, factored_norm2, lora_from_svd, svd, truncated_svd
+from loratools.layers import LohaLayer, LokrLayer, TuckerLoraLayer, exact_svd, spectrum
+from loratools.linalg import (
+    RankRule,
+    compute_dtype,
+    factored_norm2,
+    lora_from_factors,
+    lora_from_svd,
+    svd,
+    truncated_svd,
+)
 from loratools.stats import layer_type
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -115,6 +126,12 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
         else:
             u, s, vh, total = truncated_svd(layer.diff.reshape(m, n), rule)
         tail = max(total - float(s.double().square().sum()), 0.0)
+    elif rule is None and isinstance(layer, (LohaLayer, TuckerLoraLayer)) and _factor_rank(layer) < min(layer.matrix_shape):
+        # exact without any SVD: the structure's own factors (LoHa: Khatri–Rao products), balanced per column
+        left, right = layer.factors(dtype)
+        if not bool(((left.norm(dim=0) > 0) & (right.norm(dim=0) > 0)).any()):
+            raise LoraToolsError(f"layer {tuple(layer.shape)} has a zero delta; nothing to keep at rank 0")
+        return lora_from_factors(left, right, layer.shape, layer.dtype), 1.0, 0.0
     else:
         if isinstance(layer, LokrLayer):  # spectrum first (products), then only the kept Kronecker vectors
             s_all = spectrum(layer, dtype)
@@ -134,6 +151,13 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
     err = math.sqrt(tail / total) if total > 0 else 0.0
     out = lora_from_svd(u, s, vh, layer.shape, layer.dtype)
     return out, energy, err
+
+
+def _factor_rank(layer: LohaLayer | TuckerLoraLayer) -> int:
+    """Columns of the layer's exact factors (LoHa r₁r₂, Tucker LoCon r), before any cap."""
+    if isinstance(layer, LohaLayer):
+        return int(layer.w1b.shape[0] * layer.w2b.shape[0])
+    return int(layer.up.shape[1])
 
 
 def fold_layer(layer: Layer, w: torch.Tensor, rule: RankRule) -> tuple[LoraLayer, float, float, float | None]:

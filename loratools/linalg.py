@@ -185,21 +185,32 @@ def randomized_svd(
     oversample: int = 10,
     n_iter: int = 4,
     seed: int = 0,
+    tol: float = 0.0,
+    total_energy: float | None = None,
 ) -> Svd:
     """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Algorithms 4.4 and 5.1).
 
     A Gaussian sketch ``Y = A Ω`` with ``rank + oversample`` columns captures the range of ``A``;
-    ``n_iter`` power iterations ``(A Aᵀ)^q`` sharpen a slowly decaying spectrum, each followed by
+    up to ``n_iter`` power iterations ``(A Aᵀ)^q`` sharpen a slowly decaying spectrum, each followed by
     a QR re-orthonormalization so that small singular directions are not lost to rounding. The
     small matrix ``B = Qᵀ A`` is then decomposed exactly. Ω is drawn from a CPU generator seeded
     with ``seed``, so results do not depend on the device or on global RNG state.
+
+    Every iteration computes ``Z = Aᵀ Q = Bᵀ`` anyway, so the current rank-``rank`` approximation's
+    captured energy ``Eᵢ`` (top singular values of B, from its float64 Gram) comes at no extra pass over A.
+    With ``tol > 0`` the iterations stop once one of them gained ``Eᵢ − Eᵢ₋₁ ≤ tol · (‖A‖² − Eᵢ)``, i.e.
+    improved the squared error by less than the fraction ``tol``: subspace iteration converges
+    geometrically, so the error left to gain is then small against the error itself (at least one
+    iteration always runs). ``tol = 0`` runs all ``n_iter``.
 
     Args:
         matrix: [m, n], float32/float64, on any device.
         rank: number of singular triplets returned (≤ min(m, n)).
         oversample: extra sketch columns; 8–16 is plenty for decaying spectra.
-        n_iter: power iterations; more help flat spectra at the cost of 2 matmuls each.
+        n_iter: (maximum) power iterations; more help flat spectra at the cost of 2 matmuls each.
         seed: seed of the Gaussian test matrix.
+        tol: convergence tolerance on the squared error (see above); 0 = fixed ``n_iter``.
+        total_energy: ‖A‖_F² if the caller has it (computed here when ``tol > 0`` and it is missing).
     """
     m, n = matrix.shape
     rank = min(rank, m, n)
@@ -211,11 +222,26 @@ def randomized_svd(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, width, generator=gen, dtype=a.dtype).to(a.device)
     q, _ = torch.linalg.qr(a @ omega)
-    for _ in range(n_iter):
-        z, _ = torch.linalg.qr(a.T @ q)
-        q, _ = torch.linalg.qr(a @ z)
-    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    total = frobenius_sq(a) if tol > 0 and total_energy is None else total_energy
+    captured = None
+    for i in range(n_iter + 1):
+        z = a.T @ q  # Bᵀ for the current Q
+        if i == n_iter:
+            break
+        if tol > 0:
+            now = _top_energy(z, rank)
+            if captured is not None and now - captured <= tol * max(total - now, 0.0):
+                break
+            captured = now
+        q, _ = torch.linalg.qr(a @ torch.linalg.qr(z)[0])
+    ub, s, vh = torch.linalg.svd(z.T, full_matrices=False)
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
+
+
+def _top_energy(z: torch.Tensor, rank: int) -> float:
+    """Σ of the ``rank`` largest σ² of ``z`` (from its float64 Gram: l×l, no SVD of the n×l matrix)."""
+    z64 = z.double()
+    return float(torch.linalg.eigvalsh(z64.T @ z64)[-rank:].clamp_min(0).sum())
 
 
 def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 16) -> float:
@@ -367,8 +393,28 @@ def lora_from_svd(
         alpha = math.sqrt(k) if rslora else float(k)
     scale = lora_scale(alpha, k, rslora)
     root = torch.sqrt(s.clamp_min(0) / scale)
-    up = u * root
-    down = root[:, None] * vh
+    return _lora_layer(u * root, root[:, None] * vh, shape, dtype, alpha, rslora)
+
+
+def lora_from_factors(left: torch.Tensor, right: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> LoraLayer:
+    """Scale-1 LoRA layer (alpha = rank) holding ``left @ right.T`` exactly, without any SVD.
+
+    Each rank-one term ``lᵢ rᵢᵀ`` is rescaled to ``(c lᵢ)(rᵢ / c)ᵀ`` with ``c = √(‖rᵢ‖/‖lᵢ‖)``, so both factors
+    have column norm ``√(‖lᵢ‖‖rᵢ‖)``: the same fp16 safety as :func:`lora_from_svd`'s √Σ split. The rank is the
+    number of columns (the structural rank); the factors are not orthogonal.
+    """
+    k = int(left.shape[1])
+    if k == 0:
+        raise LoraToolsError("cannot build a LoRA layer of rank 0")
+    ln, rn = left.norm(dim=0), right.norm(dim=0)
+    c = torch.where((ln > 0) & (rn > 0), torch.sqrt(rn / ln.clamp_min(torch.finfo(ln.dtype).tiny)), torch.ones_like(ln))
+    return _lora_layer(left * c, (right / c).T, shape, dtype, float(k), False)
+
+
+def _lora_layer(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, alpha: float,
+                rslora: bool) -> LoraLayer:
+    """``up`` [out, k] and ``down`` [k, in·kh·kw] reshaped to the weight layout and cast to ``dtype``."""
+    k = int(down.shape[0])
     if len(shape) > 2:
         down = down.reshape(k, *shape[1:])
         up = up.reshape(shape[0], k, *([1] * (len(shape) - 2)))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from loratools.adapter import LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.linalg import RankRule, factored_svd, lora_from_svd, randomized_svd
+from loratools.linalg import RankRule, factored_svd, lora_from_factors, lora_from_svd, randomized_svd
 
 
 def dense_sv(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -125,6 +125,27 @@ def test_lora_from_svd_reproduces_truncation(alpha, rslora):
     assert torch.allclose(layer.delta(torch.float64), (u[:, :5] * s[:5]) @ vh[:5], atol=1e-12)
     # balanced split: both factors carry √σ
     assert torch.allclose(layer.up.norm(dim=0), layer.down.norm(dim=1), rtol=1e-9)
+
+
+def test_lora_from_factors_exact_balanced_and_fp16_safe():
+    g = torch.Generator().manual_seed(6)
+    # wildly unbalanced columns: left ~1e5, right ~1e-5 (their product is O(1)); one zero column
+    left = torch.randn(24, 6, generator=g, dtype=torch.float64) * 1e5
+    right = torch.randn(18, 6, generator=g, dtype=torch.float64) * 1e-5
+    left[:, 2] = 0
+    ref = left @ right.T
+    layer = lora_from_factors(left, right, (24, 2, 3, 3), torch.float64)
+    assert layer.rank == 6 and layer.scale == 1.0 and tuple(layer.down.shape) == (6, 2, 3, 3)
+    assert torch.allclose(layer.delta(torch.float64).reshape(24, 18), ref, atol=1e-12)
+    up, down = layer.up.reshape(24, 6), layer.down.reshape(6, 18)
+    live = [0, 1, 3, 4, 5]
+    assert torch.allclose(up.norm(dim=0)[live], down.norm(dim=1)[live], rtol=1e-9)
+    # stored in fp16 the balanced factors keep the product; the unbalanced ones overflow / underflow
+    tol = 2e-3 * float(ref.abs().max())
+    half = lora_from_factors(left.float(), right.float(), (24, 18), torch.float16)
+    assert float((half.delta(torch.float64) - ref).abs().max()) < tol
+    naive = left.half().double() @ right.half().double().T  # the same factors stored unbalanced
+    assert not bool(torch.isfinite(naive).all()) or float((naive - ref).abs().max()) > tol
 
 
 @pytest.mark.parametrize("rule", [RankRule("rank", 12), RankRule("energy", 0.95), RankRule("ratio", 50.0),
