@@ -31,10 +31,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 import re
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +110,45 @@ class TensorStream:
         if got != b - a:
             raise LoraToolsError(f"{f}: tensor {key!r} is truncated ({got} of {b - a} bytes; file incomplete?)")
         return buf.view(dtype).reshape(info["shape"])
+
+    def prefetch(self, key: str) -> None:
+        """Ask the kernel to start reading ``key``'s bytes into the page cache, without waiting.
+
+        ``POSIX_FADV_WILLNEED`` over 2 MiB chunks (Linux caps one call at the readahead window); the disk then
+        reads the next layer while this one is being decomposed. A no-op where fadvise does not exist.
+        """
+        f = self.ckpt.file_of(key)
+        if not hasattr(os, "posix_fadvise") or not is_safetensors(f):
+            return
+        start, header = self._header(f)
+        a, b = header[key]["data_offsets"]
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            for off in range(start + a, start + b, PREFETCH_CHUNK):
+                os.posix_fadvise(fd, off, min(PREFETCH_CHUNK, start + b - off), os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+#: fadvise chunk of :meth:`TensorStream.prefetch`
+PREFETCH_CHUNK = 2 << 20
+
+
+def prefetching(pairs: list[TensorPair], *streams: TensorStream, ahead: int = 2) -> Iterator[TensorPair]:
+    """Yield ``pairs`` in order while a helper thread asks the streams to prefetch the next ``ahead`` pairs
+    (fadvise can block on a busy disk queue; the thread absorbs that, the loop never waits for it)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-prefetch") as pool:
+        for i, pair in enumerate(pairs):
+            nxt = i + ahead if i else 1
+            for j in range(nxt, min(i + ahead + 1, len(pairs))):
+                for stream in streams:
+                    pool.submit(stream.prefetch, pairs[j].key)
+            yield pair
 
 
 # ---------------------------------------------------------------------------------------- pairing
@@ -233,7 +274,8 @@ class ExtractOptions:
     clamp_quantile: float | None = None
     min_diff: float = 0.0
     format: str = "peft"
-    power_iters: int = 4
+    power_iters: int = 6
+    power_tol: float = 0.005
 
 
 @dataclass
@@ -331,7 +373,8 @@ def extract(
     full_modules: set[str] = set()
     seen: dict[tuple, str] = {}  # fingerprint of (shape, ‖ΔW‖², ‖W‖) → first key, for tied weights
     by_key: dict[str, LoraLayer] = {}
-    for pair in (progress(pairs, len(pairs)) if progress else pairs):
+    ordered = prefetching(pairs, bstream, tstream)
+    for pair in (progress(ordered, len(pairs)) if progress else ordered):
         key = pair.key
         t_layer = time.perf_counter()
         w_base, diff, base_norm, total = _read_diff(bstream, tstream, key, device)
@@ -422,7 +465,9 @@ def _extract_layer(
     """SVD, truncation, storage and error measurement of one changed matrix."""
     m = pair.shape[0]
     mat = diff.reshape(m, -1)
-    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact, n_iter=opt.power_iters, total_energy=total)
+    info: dict = {}
+    u, s, vh, _ = truncated_svd(mat, rule, seed=opt.seed, exact=opt.exact, n_iter=opt.power_iters, tol=opt.power_tol,
+                                total_energy=total, info=info)
     k = int(s.numel())
     if k == 0:
         return {"reason": f"rank rule {rule.describe()} keeps no singular value"}, None
@@ -435,7 +480,7 @@ def _extract_layer(
         "retained_energy": retained, "relative_error": math.sqrt(max(1.0 - retained, 0.0)),
         "relative_norm": math.sqrt(total) / base_norm if base_norm > 0 else None,
         "fro_norm": math.sqrt(total), "sigma_1": float(s[0]), "sigma_k": float(s[-1]),
-        "error_measured": False,
+        "error_measured": False, "power_iters": info["power_iters"],
     }
     if opt.clamp_quantile is not None:
         layer.up, layer.down, row["clipped"] = clamp_factors(layer.up, layer.down, opt.clamp_quantile)
@@ -455,12 +500,13 @@ def output_size(path: Path) -> int:
 
 # ---------------------------------------------------------------------------------------- spectrum
 def layer_spectrum_of_diff(
-    diff: torch.Tensor, top: int, exact: bool, exact_below: int, seed: int
+    diff: torch.Tensor, top: int, exact: bool, exact_below: int, seed: int, total: float | None = None
 ) -> tuple[torch.Tensor, bool]:
-    """Singular values of ΔW (2-D): exact ``svdvals`` when small or asked, else randomized top-``top``."""
+    """Singular values of ΔW (2-D): exact ``svdvals`` when small or asked, else randomized top-``top``
+    (block Krylov, iterations stopped by the same convergence test as ``extract``; ``total`` = ‖ΔW‖²)."""
     if exact or min(diff.shape) <= exact_below or top >= min(diff.shape):
         return torch.linalg.svdvals(diff).cpu(), True
-    _, s, _ = randomized_svd(diff, top, seed=seed)
+    _, s, _ = randomized_svd(diff, top, seed=seed, n_iter=4, tol=ExtractOptions.power_tol, total_energy=total)
     return s.cpu(), False
 
 
@@ -493,7 +539,8 @@ def spectrum(
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     rows, vectors = [], []
-    for pair in (progress(pairs, len(pairs)) if progress else pairs):
+    ordered = prefetching(pairs, bstream, tstream)
+    for pair in (progress(ordered, len(pairs)) if progress else ordered):
         w_base, diff, base_norm, total = _read_diff(bstream, tstream, pair.key, dev)
         del w_base
         if pair.kind in ("vector", "other"):
@@ -506,7 +553,7 @@ def spectrum(
         if total == 0:
             skipped.append({"name": pair.key, "reason": "unchanged (ΔW = 0)"})
             continue
-        s, is_exact = layer_spectrum_of_diff(diff.reshape(pair.shape[0], -1), top, exact, exact_below, seed)
+        s, is_exact = layer_spectrum_of_diff(diff.reshape(pair.shape[0], -1), top, exact, exact_below, seed, total)
         rows.append(_spectrum_row(pair, s.double(), total, base_norm, is_exact))
     return {
         "base": str(bck.path), "tuned": str(tck.path), "layers": rows, "skipped": skipped,

@@ -3,7 +3,7 @@
 * :func:`factored_svd` — exact SVD of ``L @ R.T`` from the thin factors, never forming the product:
   ``L = Q_L R_L``, ``R = Q_R R_R`` (thin QR), ``C = R_L R_Rᵀ`` (k×k), ``C = U_c Σ V_cᵀ``, so
   ``L Rᵀ = (Q_L U_c) Σ (Q_R V_c)ᵀ``. Cost O((m+n)k² + k³) instead of O(mn·min(m, n)).
-* :func:`randomized_svd` — Halko, Martinsson & Tropp (2011), for dense differences.
+* :func:`randomized_svd` — randomized block Krylov SVD (Halko, Martinsson & Tropp 2011), for dense differences.
 * :class:`RankRule` — the rank rules shared by extract, resize, merge and convert.
 * :func:`lora_from_svd` — turns truncated ``U Σ Vᵀ`` back into a LoRA layer (balanced √Σ split).
 """
@@ -187,61 +187,100 @@ def randomized_svd(
     seed: int = 0,
     tol: float = 0.0,
     total_energy: float | None = None,
+    info: dict | None = None,
 ) -> Svd:
-    """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Algorithms 4.4 and 5.1).
+    """Randomized truncated SVD by block Krylov iteration (Halko, Martinsson & Tropp 2011 §4.5;
+    Musco & Musco 2015), seeded and deterministic.
 
-    A Gaussian sketch ``Y = A Ω`` with ``rank + oversample`` columns captures the range of ``A``;
-    up to ``n_iter`` power iterations ``(A Aᵀ)^q`` sharpen a slowly decaying spectrum, each followed by
-    a QR re-orthonormalization so that small singular directions are not lost to rounding. The
-    small matrix ``B = Qᵀ A`` is then decomposed exactly. Ω is drawn from a CPU generator seeded
-    with ``seed``, so results do not depend on the device or on global RNG state.
+    A Gaussian sketch ``Y₀ = A Ω`` with ``l = rank + oversample`` columns starts the Krylov space
+    ``K = span[Y₀, (AAᵀ)Y₀, …, (AAᵀ)^q Y₀]``; each of the ``q`` power iterations adds one block of ``l``
+    columns, orthonormalized against the blocks before it (two rounds, so the basis stays orthonormal to
+    working precision). Every block ``Qᵢ`` is multiplied by ``Aᵀ`` once, ``Zᵢ = Aᵀ Qᵢ`` — that product is
+    both the next power step and the block ``Qᵢᵀ A`` of ``B = Kᵀ A`` — so the final Rayleigh–Ritz step on the
+    whole Krylov space costs no extra pass over ``A``: the same ``2q + 2`` products of an ``m×n`` matrix with
+    ``l`` columns as plain subspace iteration, which keeps only the last block. Keeping all of them makes
+    the polynomial filter far sharper: on a decaying spectrum plus a noise floor, two iterations give about
+    the error of four subspace iterations.
 
-    Every iteration computes ``Z = Aᵀ Q = Bᵀ`` anyway, so the current rank-``rank`` approximation's
-    captured energy ``Eᵢ`` (top singular values of B, from its float64 Gram) comes at no extra pass over A.
-    With ``tol > 0`` the iterations stop once one of them gained ``Eᵢ − Eᵢ₋₁ ≤ tol · (‖A‖² − Eᵢ)``, i.e.
-    improved the squared error by less than the fraction ``tol``: subspace iteration converges
-    geometrically, so the error left to gain is then small against the error itself (at least one
-    iteration always runs). ``tol = 0`` runs all ``n_iter``.
+    Ω is drawn from a CPU generator seeded with ``seed``, so results do not depend on the device or on
+    global RNG state. Small matrices (the Krylov space would exceed half of min(m, n)) get the exact SVD.
+
+    Convergence: the Krylov spaces are nested, so the captured rank-``rank`` energy ``Eᵢ`` (top eigenvalues
+    of the float64 Gram ``BBᵀ``, kept up to date block by block) never decreases. With ``tol > 0`` the
+    iterations stop once one of them gained ``Eᵢ − Eᵢ₋₁ ≤ tol · (‖A‖² − Eᵢ)``, i.e. improved the squared
+    error by less than the fraction ``tol`` (at least one iteration always runs). ``tol = 0`` runs ``n_iter``.
 
     Args:
         matrix: [m, n], float32/float64, on any device.
         rank: number of singular triplets returned (≤ min(m, n)).
-        oversample: extra sketch columns; 8–16 is plenty for decaying spectra.
+        oversample: extra sketch columns per block; 8–16 is plenty.
         n_iter: (maximum) power iterations; more help flat spectra at the cost of 2 matmuls each.
         seed: seed of the Gaussian test matrix.
         tol: convergence tolerance on the squared error (see above); 0 = fixed ``n_iter``.
         total_energy: ‖A‖_F² if the caller has it (computed here when ``tol > 0`` and it is missing).
+        info: if given, receives ``power_iters``, the number of power iterations run.
     """
     m, n = matrix.shape
     rank = min(rank, m, n)
     width = min(rank + oversample, m, n)
-    if width >= min(m, n) * 0.5:
+    n_iter = min(n_iter, min(m, n) // (2 * width) - 1)
+    if n_iter < 0:
         u, s, vh = svd(matrix)
+        if info is not None:
+            info["power_iters"] = 0
         return u[:, :rank], s[:rank], vh[:rank]
     a = matrix
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, width, generator=gen, dtype=a.dtype).to(a.device)
-    q, _ = torch.linalg.qr(a @ omega)
     total = frobenius_sq(a) if tol > 0 and total_energy is None else total_energy
+    y = a @ omega
+    basis = a.new_empty(m, 0)
+    zs = a.new_empty(n, 0, dtype=torch.float64)  # Kᵀ A, transposed, in float64 for the Gram
+    gram = torch.empty(0, 0, dtype=torch.float64, device=a.device)
     captured = None
     for i in range(n_iter + 1):
-        z = a.T @ q  # Bᵀ for the current Q
+        q = _orthonormal_against(y, basis)
+        basis = torch.cat([basis, q], 1)
+        z = a.T @ q
+        z64 = z.double()
+        cross = zs.T @ z64
+        gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, z64.T @ z64], 1)], 0)
+        zs = torch.cat([zs, z64], 1)
         if i == n_iter:
             break
         if tol > 0:
-            now = _top_energy(z, rank)
+            now = float(torch.linalg.eigvalsh(gram)[-rank:].clamp_min(0).sum())
             if captured is not None and now - captured <= tol * max(total - now, 0.0):
                 break
             captured = now
-        q, _ = torch.linalg.qr(a @ torch.linalg.qr(z)[0])
-    ub, s, vh = torch.linalg.svd(z.T, full_matrices=False)
-    return (q @ ub)[:, :rank], s[:rank], vh[:rank]
+        y = a @ _orthonormal(z)
+    if info is not None:
+        info["power_iters"] = i
+    # Rayleigh–Ritz on K: the top-``rank`` eigenvectors P of BBᵀ, then the exact SVD of the rank × n matrix PᵀB
+    _, vecs = torch.linalg.eigh(gram)
+    top = vecs[:, -rank:].flip(1)
+    uc, s, vh = torch.linalg.svd((zs @ top).T.to(a.dtype), full_matrices=False)
+    return basis @ (top.to(a.dtype) @ uc), s, vh
 
 
-def _top_energy(z: torch.Tensor, rank: int) -> float:
-    """Σ of the ``rank`` largest σ² of ``z`` (from its float64 Gram: l×l, no SVD of the n×l matrix)."""
-    z64 = z.double()
-    return float(torch.linalg.eigvalsh(z64.T @ z64)[-rank:].clamp_min(0).sum())
+def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of a tall ``x``: Cholesky–QR on the float64 Gram (one small GEMM, much
+    faster than a Householder QR of a tall matrix), Householder QR when ``x`` is too ill-conditioned for it."""
+    x64 = x.double()
+    r, bad = torch.linalg.cholesky_ex(x64.T @ x64, upper=True)
+    d = r.diagonal()
+    if int(bad) or not x.shape[1] or float(d.min()) <= float(d.max()) * 1e-5:
+        return torch.linalg.qr(x)[0]
+    return torch.linalg.solve_triangular(r, x64, upper=True, left=False).to(x.dtype)
+
+
+def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``y`` with ``basis``'s span projected out (two rounds: twice is enough)."""
+    for _ in range(2):
+        if basis.shape[1]:
+            y = y - basis @ (basis.T @ y)
+        y = _orthonormal(y)
+    return y
 
 
 def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 16) -> float:
@@ -340,9 +379,11 @@ def truncated_svd(
     exact: bool = False,
     oversample: int = 10,
     n_iter: int = 4,
+    tol: float = 0.0,
     start_rank: int = 32,
     exact_below: int = 256,
     total_energy: float | None = None,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Truncated SVD of a dense matrix under a rank rule; returns ``(U, S, Vh, ‖A‖_F²)``.
 
@@ -351,7 +392,9 @@ def truncated_svd(
     ``exact=True`` use the exact thin SVD. Otherwise a randomized sketch of ``start_rank`` (or the
     fixed rank) columns is grown by doubling until the rule is decided inside the computed spectrum
     or the cap (``max_rank``, min(m, n)) is reached. ``total_energy`` passes in an ‖A‖_F² the caller
-    already computed exactly, saving a pass over the matrix.
+    already computed exactly, saving a pass over the matrix. ``n_iter`` and ``tol`` are
+    :func:`randomized_svd`'s (maximum) power iterations and convergence tolerance; ``info`` receives its
+    ``power_iters`` of the last sketch (0 for an exact SVD).
     """
     a = matrix.to(compute_dtype(matrix.dtype))
     m, n = a.shape
@@ -359,10 +402,13 @@ def truncated_svd(
     cap = min(m, n, rule.max_rank or min(m, n))
     if exact or min(m, n) <= exact_below:
         u, s, vh = svd(a)
+        if info is not None:
+            info["power_iters"] = 0
     else:
         k = min(int(rule.value) if rule.kind == "rank" else start_rank, cap)
         while True:
-            u, s, vh = randomized_svd(a, k, oversample=oversample, n_iter=n_iter, seed=seed)
+            u, s, vh = randomized_svd(a, k, oversample=oversample, n_iter=n_iter, seed=seed, tol=tol, total_energy=total,
+                                     info=info)
             if rule.kind == "rank" or k >= cap or rule.satisfied_by(s, total, cap):
                 break
             k = min(2 * k, cap)

@@ -127,6 +127,38 @@ def test_lora_from_svd_reproduces_truncation(alpha, rslora):
     assert torch.allclose(layer.up.norm(dim=0), layer.down.norm(dim=1), rtol=1e-9)
 
 
+def _spectrum_matrix(kind: str, m: int = 800, n: int = 600, sig: int = 300) -> torch.Tensor:
+    """A float32 matrix with a chosen spectrum on random bases plus a noise floor."""
+    g = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(m, sig, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, sig, generator=g, dtype=torch.float64))
+    i = torch.arange(sig, dtype=torch.float64)
+    s = {"power": (i + 1) ** -0.8, "slow": (i + 1) ** -0.3, "geom": 0.97**i, "flat": torch.full((sig,), 0.1),
+         "gap": torch.where(i < 32, 1.0, 0.3) * (i + 1) ** -0.2, "noise": torch.zeros(sig)}[kind]
+    noise = {"noise": 1.0, "flat": 0.04}.get(kind, 0.005) / max(m, n) ** 0.5
+    return ((u * s) @ v.T + torch.randn(m, n, generator=g, dtype=torch.float64) * noise).float()
+
+
+@pytest.mark.parametrize("kind", ["power", "slow", "geom", "gap", "flat", "noise"])
+def test_randomized_svd_convergence_stop(kind):
+    """The tol stop keeps the rank-32 error within 0.2 % of Eckart–Young on easy and hard spectra, stops early
+    where the spectrum has a gap, and keeps iterating where it is flat."""
+    a = _spectrum_matrix(kind)
+    sv = torch.linalg.svdvals(a.double())
+    optimum = float(sv[32:].square().sum()) ** 0.5
+    info: dict = {}
+    u, s, vh = randomized_svd(a, 32, n_iter=6, tol=0.005, info=info)
+    err = float((a.double() - (u.double() * s.double()) @ vh.double()).norm())
+    assert err <= 1.002 * optimum
+    if kind == "gap":
+        assert info["power_iters"] <= 2
+    if kind in ("flat", "noise"):
+        assert info["power_iters"] >= 4
+    fixed: dict = {}
+    randomized_svd(a, 32, n_iter=3, info=fixed)
+    assert fixed["power_iters"] == 3
+
+
 def test_lora_from_factors_exact_balanced_and_fp16_safe():
     g = torch.Generator().manual_seed(6)
     # wildly unbalanced columns: left ~1e5, right ~1e-5 (their product is O(1)); one zero column

@@ -52,8 +52,11 @@ def checkpoint_options(fn):
 @click.option("--format", "out_format", default="peft", type=click.Choice(["peft", "kohya"]), show_default=True)
 @dtype_option
 @click.option("--exact", is_flag=True, help="Exact thin SVD for every layer instead of the randomized one.")
-@click.option("--power-iters", type=click.IntRange(0, 20), default=4, show_default=True,
-              help="Power iterations of the randomized SVD (fewer: faster, further from the optimal error).")
+@click.option("--power-iters", type=click.IntRange(0, 20), default=6, show_default=True,
+              help="Most power iterations of the randomized SVD (fewer: faster, further from the optimal error).")
+@click.option("--power-tol", type=click.FloatRange(0, 1), default=0.005, show_default=True,
+              help="Stop the power iterations once one improves the squared error by less than this fraction "
+                   "(0: always run --power-iters).")
 @click.option("--clamp-quantile", type=float, default=None, metavar="Q",
               help="Clip the factors at the Q-quantile of their |values| (off by default; hurts fidelity).")
 @click.option("--save-full", multiple=True, metavar="GLOB",
@@ -65,7 +68,7 @@ def checkpoint_options(fn):
 @quiet_option
 @handle_errors
 def extract_command(base, tuned, include, exclude, device, seed, out, rank, energy, ratio, threshold, max_rank,
-                    conv_rank, out_format, dtype, exact, power_iters, clamp_quantile, save_full, min_diff, as_json, force, quiet):
+                    conv_rank, out_format, dtype, exact, power_iters, power_tol, clamp_quantile, save_full, min_diff, as_json, force, quiet):
     """Extract a LoRA approximating TUNED − BASE by (randomized) truncated SVD, layer by layer.
 
     Rank rule: --rank N (default 16), --energy F (keep F of ‖ΔW‖_F²), --ratio R (σᵢ ≥ σ₁/R) or
@@ -84,7 +87,7 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
         rule=rule, conv_rule=RankRule("rank", conv_rank, max_rank) if conv_rank else None,
         include=list(include), exclude=list(exclude), save_full=list(save_full), device=device,
         dtype=parse_dtype(dtype), exact=exact, seed=seed, clamp_quantile=clamp_quantile, min_diff=min_diff,
-        format=out_format, power_iters=power_iters,
+        format=out_format, power_iters=power_iters, power_tol=power_tol,
     )
     result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet or as_json))
     save_adapter(result.adapter, out_path, out_format, force=force)
