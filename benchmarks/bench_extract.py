@@ -5,6 +5,7 @@ Run by hand (not part of the test suite)::
     python benchmarks/bench_extract.py --small          # quick smoke run (~1 min)
     python benchmarks/bench_extract.py                  # LLM-shaped, ≈ 8.1 GB pair on disk
     python benchmarks/bench_extract.py --device cuda    # same on a GPU
+    python benchmarks/bench_extract.py --cold           # pair evicted from the page cache before each run
 
 What it does, in one run:
 
@@ -105,6 +106,17 @@ def child(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def evict(*folders: str) -> None:
+    """Drop the folders' safetensors files from the page cache (clean pages only; no root needed)."""
+    for folder in folders:
+        for f in Path(folder).glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -170,6 +182,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--dense-layers", type=int, default=1, help="dense-baseline layers per shape (extrapolated)")
+    ap.add_argument("--cold", action="store_true", help="evict the pair from the page cache before each child run")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -195,9 +208,14 @@ def main() -> None:
     base, tuned, pair_bytes = made["base"], made["tuned"], made["bytes"]
     n_layers = 7 * cfg["blocks"]
     print(f"pair: {pair_bytes / 1e9:.2f} GB on disk, {n_layers} matrices; rank {rank}; device {args.device}; "
-          f"torch threads {made['threads']}", flush=True)
+          f"torch threads {made['threads']}; page cache {'evicted before each run' if args.cold else 'as left'}",
+          flush=True)
 
+    if args.cold:
+        evict(base, tuned)
     lt = child(["--child", "loratools", str(base), str(tuned), str(root / "adapter"), str(rank), args.device])
+    if args.cold:
+        evict(base, tuned)
     dense = child(["--child", "dense", str(base), str(tuned), str(rank), args.device, str(args.dense_layers)])
 
     by_key = {r["key"]: r for r in lt["layers"]}
@@ -223,6 +241,7 @@ def main() -> None:
     measured = len(dense["rows"]) == len(lt["layers"])
     summary = {
         "pair_gb": pair_bytes / 1e9, "layers": len(lt["layers"]), "rank": rank, "device": args.device,
+        "cold_cache": args.cold, "power_iters": sorted({r["power_iters"] for r in lt["layers"]}),
         "loratools_wall_s": lt["wall_s"], "loratools_extract_s": lt["extract_s"],
         "dense_total_s": dense_total, "dense_total": "measured" if measured else
         f"extrapolated from {len(dense['rows'])} layer(s) ({args.dense_layers} per shape)",

@@ -34,6 +34,7 @@ import math
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -64,15 +65,20 @@ TABLE_RANKS = (4, 8, 16, 32, 64, 128, 256)
 class TensorStream:
     """Reads one tensor at a time from a :class:`Checkpoint` with plain positioned reads.
 
-    safetensors data is read with ``readinto`` straight into a fresh tensor (no memory map), so
-    pages of layers already processed never count against the process's resident set. Other
-    file types go through :meth:`Checkpoint.get` (``torch.load(weights_only=True)``).
+    safetensors data is read straight into a tensor (no memory map), so pages of layers already
+    processed never count against the process's resident set. Large tensors are read with
+    ``O_DIRECT`` where the OS and filesystem allow it: the disk writes into our buffer directly, with
+    no page-cache copy. (On the 2-core CI VM a buffered cold read of 8 GB costs more than a core of
+    CPU time, which it then takes from the SVD; a direct read costs almost none.) Anything else —
+    small tensors, misaligned data, filesystems without ``O_DIRECT`` — is a buffered ``readinto``.
+    Other file types go through :meth:`Checkpoint.get` (``torch.load(weights_only=True)``).
     """
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self._headers: dict[Path, tuple[int, dict]] = {}
-        self._scratch: torch.Tensor | None = None
+        self._slots: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()  # Checkpoint.get (pickles) from the reader thread and the caller
 
     def _header(self, f: Path) -> tuple[int, dict]:
         if f not in self._headers:
@@ -85,70 +91,102 @@ class TensorStream:
         """Whether :meth:`read` returns a fresh buffer the caller may modify in place."""
         return is_safetensors(self.ckpt.file_of(key))
 
-    def read(self, key: str, scratch: bool = False) -> torch.Tensor:
-        """The tensor ``key``. With ``scratch`` it is read into a buffer this stream reuses: already
-        paged in (no page faults for a fresh layer-sized allocation), valid until the next scratch read."""
+    def _buffer(self, nbytes: int, slot: int | None) -> torch.Tensor:
+        """``nbytes`` of uint8 whose address is aligned for ``O_DIRECT``: fresh, or the reusable ``slot``."""
+        size = nbytes + DIRECT_ALIGN
+        if slot is None:
+            raw = torch.empty(size, dtype=torch.uint8)
+        else:
+            raw = self._slots.get(slot)
+            if raw is None or raw.numel() < size:
+                self._slots.pop(slot, None)
+                raw = self._slots[slot] = torch.empty(size, dtype=torch.uint8)
+        pad = -raw.data_ptr() % DIRECT_ALIGN
+        return raw[pad : pad + nbytes]
+
+    def read(self, key: str, slot: int | None = None) -> torch.Tensor:
+        """The tensor ``key``, in a fresh buffer, or with ``slot`` (0, 1, …) in a buffer this stream reuses for
+        that slot: already paged in (no page faults for a fresh layer-sized allocation), valid until the next
+        read into the same slot."""
         f = self.ckpt.file_of(key)
         if not is_safetensors(f):
-            return self.ckpt.get(key)
+            with self._lock:
+                return self.ckpt.get(key)
         start, header = self._header(f)
         info = header[key]
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise LoraToolsError(f"{f}: tensor {key!r} has unsupported dtype {info['dtype']}")
         a, b = info["data_offsets"]
-        if scratch:
-            if self._scratch is None or self._scratch.numel() < b - a:
-                self._scratch = None
-                self._scratch = torch.empty(b - a, dtype=torch.uint8)
-            buf = self._scratch[: b - a]
-        else:
-            buf = torch.empty(b - a, dtype=torch.uint8)
-        with open(f, "rb") as fh:
-            fh.seek(start + a)
-            got = fh.readinto(memoryview(buf.numpy())) if b > a else 0
-        if got != b - a:
+        lo = (start + a) // DIRECT_ALIGN * DIRECT_ALIGN
+        hi = -(-(start + b) // DIRECT_ALIGN) * DIRECT_ALIGN
+        head = start + a - lo
+        direct = b - a >= DIRECT_MIN_BYTES and head % 8 == 0
+        buf = self._buffer(hi - lo if direct else b - a, slot)
+        got = _read_direct(f, lo, buf) - head if direct else -1
+        if got < b - a:  # no O_DIRECT here (or a short read): the buffered path decides
+            buf = buf[: b - a]
+            with open(f, "rb") as fh:
+                fh.seek(start + a)
+                got = fh.readinto(memoryview(buf.numpy())) if b > a else 0
+            head = 0
+        if got < b - a:
             raise LoraToolsError(f"{f}: tensor {key!r} is truncated ({got} of {b - a} bytes; file incomplete?)")
-        return buf.view(dtype).reshape(info["shape"])
-
-    def prefetch(self, key: str) -> None:
-        """Ask the kernel to start reading ``key``'s bytes into the page cache, without waiting.
-
-        ``POSIX_FADV_WILLNEED`` over 2 MiB chunks (Linux caps one call at the readahead window); the disk then
-        reads the next layer while this one is being decomposed. A no-op where fadvise does not exist.
-        """
-        f = self.ckpt.file_of(key)
-        if not hasattr(os, "posix_fadvise") or not is_safetensors(f):
-            return
-        start, header = self._header(f)
-        a, b = header[key]["data_offsets"]
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            for off in range(start + a, start + b, PREFETCH_CHUNK):
-                os.posix_fadvise(fd, off, min(PREFETCH_CHUNK, start + b - off), os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        return buf[head : head + b - a].view(dtype).reshape(info["shape"])
 
 
-#: fadvise chunk of :meth:`TensorStream.prefetch`
-PREFETCH_CHUNK = 2 << 20
+#: tensors of at least this many bytes are read with O_DIRECT where possible (smaller: buffered)
+DIRECT_MIN_BYTES = 8 << 20
+#: O_DIRECT offset, length and address alignment (the largest logical block size in use)
+DIRECT_ALIGN = 4096
 
 
-def prefetching(pairs: list[TensorPair], *streams: TensorStream, ahead: int = 2) -> Iterator[TensorPair]:
-    """Yield ``pairs`` in order while a helper thread asks the streams to prefetch the next ``ahead`` pairs
-    (fadvise can block on a busy disk queue; the thread absorbs that, the loop never waits for it)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-prefetch") as pool:
+def _read_direct(path: Path, offset: int, buf: torch.Tensor) -> int:
+    """Read ``buf.numel()`` bytes at ``offset`` (both aligned) with ``O_DIRECT``; bytes read, or -1 where the
+    platform or filesystem refuses it (the caller then reads buffered)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return -1
+    view, got = memoryview(buf.numpy()), 0
+    try:
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                break
+            got += n
+    except OSError:
+        return -1
+    finally:
+        os.close(fd)
+    return got
+
+
+def read_pairs(
+    pairs: list[TensorPair], bstream: TensorStream, tstream: TensorStream
+) -> Iterator[tuple[TensorPair, torch.Tensor, torch.Tensor]]:
+    """Yield ``(pair, W_base, W_tuned)`` in order while a helper thread reads the next pair.
+
+    Pair ``i`` lives in scratch slot ``i % 2`` of each stream, so the tensors handed out stay valid
+    until the caller asks for the pair after next; reading (the thread waits on the disk, without the
+    GIL) overlaps the caller's SVD of the current pair. Read errors surface in the caller's loop.
+    """
+    def load(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = pairs[i].key
+        return bstream.read(key, slot=i % 2), tstream.read(key, slot=i % 2)
+
+    if not pairs:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-read") as pool:
+        pending = pool.submit(load, 0)
         for i, pair in enumerate(pairs):
-            nxt = i + ahead if i else 1
-            for j in range(nxt, min(i + ahead + 1, len(pairs))):
-                for stream in streams:
-                    pool.submit(stream.prefetch, pairs[j].key)
-            yield pair
+            w_base, w_tuned = pending.result()
+            if i + 1 < len(pairs):
+                pending = pool.submit(load, i + 1)
+            yield pair, w_base, w_tuned
 
 
 # ---------------------------------------------------------------------------------------- pairing
@@ -289,26 +327,24 @@ class ExtractResult:
 
 
 def _read_diff(
-    bstream: TensorStream, tstream: TensorStream, key: str, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """``(W_base, ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` holding two layer-sized buffers, not three.
+    w_base: torch.Tensor, raw: torch.Tensor, bstream: TensorStream, tstream: TensorStream, key: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, float, float]:
+    """``(ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` from the pair :func:`read_pairs` handed out.
 
-    Both are read into the streams' reusable scratch buffers (valid until the next pair is read);
-    ΔW is computed in place in TUNED's buffer when it is already float32 on the device.
-    Finiteness is checked through the two norms (NaN/Inf in either input makes one of them
-    non-finite), and only then located tensor by tensor for the error message. (Reading the next
-    pair in a background thread was tried: on 2 cores it competes with the BLAS threads and was
-    slower, so reads stay in line.)
+    ΔW is computed in place in TUNED's scratch buffer when it is already float32 on the device, so a
+    pair holds two layer-sized buffers, not three. Finiteness is checked through the two norms
+    (NaN/Inf in either input makes one of them non-finite), and only then located tensor by tensor
+    for the error message.
     """
-    w_base, raw = bstream.read(key, scratch=True), tstream.read(key, scratch=True)
     wb = w_base.to(device=device, dtype=torch.float32)
     wt = raw.to(device=device, dtype=torch.float32)
     diff = wt.sub_(wb) if (wt is not raw or tstream.owns(key)) else wt - wb
     total, base_sq = frobenius_sq(diff), frobenius_sq(wb)
     if not (math.isfinite(total) and math.isfinite(base_sq)):
         _check_finite(w_base, bstream.ckpt, key)
-        _check_finite(tstream.read(key), tstream.ckpt, key)
-    return w_base, diff, base_sq**0.5, total
+        _check_finite(tstream.read(key), tstream.ckpt, key)  # the scratch copy now holds ΔW
+    return diff, base_sq**0.5, total
 
 
 def _check_finite(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
@@ -373,11 +409,12 @@ def extract(
     full_modules: set[str] = set()
     seen: dict[tuple, str] = {}  # fingerprint of (shape, ‖ΔW‖², ‖W‖) → first key, for tied weights
     by_key: dict[str, LoraLayer] = {}
-    ordered = prefetching(pairs, bstream, tstream)
-    for pair in (progress(ordered, len(pairs)) if progress else ordered):
+    ordered = read_pairs(pairs, bstream, tstream)
+    for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
         key = pair.key
         t_layer = time.perf_counter()
-        w_base, diff, base_norm, total = _read_diff(bstream, tstream, key, device)
+        diff, base_norm, total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
+        del w_tuned
         out_dtype = opt.dtype or tck.dtype(key)
         rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
         if total == 0:
@@ -539,9 +576,10 @@ def spectrum(
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     rows, vectors = [], []
-    ordered = prefetching(pairs, bstream, tstream)
-    for pair in (progress(ordered, len(pairs)) if progress else ordered):
-        w_base, diff, base_norm, total = _read_diff(bstream, tstream, pair.key, dev)
+    ordered = read_pairs(pairs, bstream, tstream)
+    for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
+        diff, base_norm, total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
+        del w_tuned
         del w_base
         if pair.kind in ("vector", "other"):
             if total > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -368,20 +369,40 @@ def test_frobenius_sq_accuracy():
 
 
 # ------------------------------------------------------------------------- streaming reader
-def test_tensor_stream_reads_like_safetensors(llama_pair):
+@pytest.mark.parametrize("direct", ["buffered", "o_direct", "o_direct_refused"])
+def test_tensor_stream_reads_like_safetensors(llama_pair, monkeypatch, direct):
+    """Fresh and slot reads equal safetensors' own, whether tensors go through O_DIRECT (forced for every
+    tensor here), the buffered path, or O_DIRECT refused by the filesystem (EINVAL → buffered)."""
+    from loratools import extract as ex
+
+    monkeypatch.setattr(ex, "DIRECT_MIN_BYTES", 1 << 40 if direct == "buffered" else 0)
+    calls = []
+    real_open = os.open
+
+    def fake_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            calls.append(path)
+            if direct == "o_direct_refused":
+                raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(ex.os, "open", fake_open)
     root = llama_pair["root"]
     for which in ("tuned_sharded", "tuned_bf16"):
         ck = Checkpoint(root / which)
         stream = TensorStream(ck)
         for k in ck.keys():
             assert torch.equal(stream.read(k), ck.get(k))
-            assert torch.equal(stream.read(k, scratch=True), ck.get(k))
-    # scratch reads share one growing buffer: fresh reads do not
+            assert torch.equal(stream.read(k, slot=1), ck.get(k))
+    assert bool(calls) == (direct != "buffered")
+    # reads into one slot share one growing buffer: other slots and fresh reads do not
     ck = Checkpoint(root / "tuned")
     stream = TensorStream(ck)
-    a = stream.read("model.layers.0.mlp.up_proj.weight", scratch=True)
-    b = stream.read("model.layers.0.mlp.down_proj.weight", scratch=True)
+    a = stream.read("model.layers.0.mlp.up_proj.weight", slot=0)
+    b = stream.read("model.layers.0.mlp.down_proj.weight", slot=0)
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    c = stream.read("model.layers.0.mlp.down_proj.weight", slot=1)
+    assert c.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     assert stream.read("lm_head.weight").untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
 
 
