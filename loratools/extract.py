@@ -88,7 +88,7 @@ class TensorStream:
         return self._headers[f]
 
     def owns(self, key: str) -> bool:
-        """Whether :meth:`read` returns a fresh buffer the caller may modify in place."""
+        """Whether :meth:`read` returns a buffer of its own (fresh, or a scratch slot) the caller may modify in place."""
         return is_safetensors(self.ckpt.file_of(key))
 
     def _buffer(self, nbytes: int, slot: int | None) -> torch.Tensor:
@@ -142,22 +142,40 @@ DIRECT_ALIGN = 4096
 
 
 def _read_direct(path: Path, offset: int, buf: torch.Tensor) -> int:
-    """Read ``buf.numel()`` bytes at ``offset`` (both aligned) with ``O_DIRECT``; bytes read, or -1 where the
-    platform or filesystem refuses it (the caller then reads buffered)."""
+    """Read ``buf.numel()`` bytes at ``offset`` (both aligned): what the page cache already holds with a
+    non-blocking buffered read (``RWF_NOWAIT``: a warm file costs a memcpy, not a disk read), the rest with
+    ``O_DIRECT``. Returns the bytes read, or -1 where the platform or filesystem refuses ``O_DIRECT`` (the
+    caller then reads buffered)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return -1
+    view, got = memoryview(buf.numpy()), 0
+    nowait = getattr(os, "RWF_NOWAIT", 0)
+    if nowait:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], offset + got, nowait)
+                if n <= 0:
+                    break
+                got += n
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
+            pass
+        finally:
+            os.close(fd)
+        if got == len(view):
+            return got
+        got -= got % DIRECT_ALIGN
     try:
         fd = os.open(path, os.O_RDONLY | flag)
     except OSError:
         return -1
-    view, got = memoryview(buf.numpy()), 0
     try:
         while got < len(view):
             n = os.preadv(fd, [view[got:]], offset + got)
-            if n <= 0:
+            got += max(n, 0)
+            if n <= 0 or n % DIRECT_ALIGN:  # end of file
                 break
-            got += n
     except OSError:
         return -1
     finally:
@@ -170,9 +188,10 @@ def read_pairs(
 ) -> Iterator[tuple[TensorPair, torch.Tensor, torch.Tensor]]:
     """Yield ``(pair, W_base, W_tuned)`` in order while a helper thread reads the next pair.
 
-    Pair ``i`` lives in scratch slot ``i % 2`` of each stream, so the tensors handed out stay valid
-    until the caller asks for the pair after next; reading (the thread waits on the disk, without the
-    GIL) overlaps the caller's SVD of the current pair. Read errors surface in the caller's loop.
+    Pair ``i`` lives in scratch slot ``i % 2`` of each stream; the tensors handed out are valid until
+    the caller asks for the next pair (that request starts reading pair ``i + 2`` into the same slot).
+    Reading (the thread waits on the disk, without the GIL) overlaps the caller's SVD of the current
+    pair. Read errors surface in the caller's loop.
     """
     def load(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = pairs[i].key
@@ -333,7 +352,7 @@ def _read_diff(
     """``(ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` from the pair :func:`read_pairs` handed out.
 
     ΔW is computed in place in TUNED's scratch buffer when it is already float32 on the device, so a
-    pair holds two layer-sized buffers, not three. Finiteness is checked through the two norms
+    pair holds two layer-sized buffers, not three (four in all with the pair being read meanwhile). Finiteness is checked through the two norms
     (NaN/Inf in either input makes one of them non-finite), and only then located tensor by tensor
     for the error message.
     """

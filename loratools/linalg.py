@@ -203,7 +203,8 @@ def randomized_svd(
     the error of four subspace iterations.
 
     Ω is drawn from a CPU generator seeded with ``seed``, so results do not depend on the device or on
-    global RNG state. Small matrices (the Krylov space would exceed half of min(m, n)) get the exact SVD.
+    global RNG state. The Krylov space is kept within half of min(m, n) (fewer iterations where needed);
+    matrices too small for two iterations (or for the ``n_iter`` asked, if fewer) get the exact SVD.
 
     Convergence: the Krylov spaces are nested, so the captured rank-``rank`` energy ``Eᵢ`` (top eigenvalues
     of the float64 Gram ``BBᵀ``, kept up to date block by block) never decreases. With ``tol > 0`` the
@@ -222,13 +223,18 @@ def randomized_svd(
     """
     m, n = matrix.shape
     rank = min(rank, m, n)
+    if rank <= 0:
+        if info is not None:
+            info["power_iters"] = 0
+        return matrix.new_zeros(m, 0), matrix.new_zeros(0), matrix.new_zeros(0, n)
     width = min(rank + oversample, m, n)
-    n_iter = min(n_iter, min(m, n) // (2 * width) - 1)
-    if n_iter < 0:
+    blocks = min(m, n) // (2 * width)  # the Krylov space stays within half of min(m, n)
+    if blocks < min(n_iter, 2) + 1:  # not even two iterations fit: the exact SVD is the better deal
         u, s, vh = svd(matrix)
         if info is not None:
             info["power_iters"] = 0
         return u[:, :rank], s[:rank], vh[:rank]
+    n_iter = min(n_iter, blocks - 1)
     a = matrix
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, width, generator=gen, dtype=a.dtype).to(a.device)
@@ -239,7 +245,7 @@ def randomized_svd(
     gram = torch.empty(0, 0, dtype=torch.float64, device=a.device)
     captured = None
     for i in range(n_iter + 1):
-        q = _orthonormal_against(y, basis)
+        q = _orthonormal_against(y, basis, gen)
         basis = torch.cat([basis, q], 1)
         z = a.T @ q
         z64 = z.double()
@@ -265,7 +271,8 @@ def randomized_svd(
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of a tall ``x``: Cholesky–QR on the float64 Gram (one small GEMM, much
-    faster than a Householder QR of a tall matrix), Householder QR when ``x`` is too ill-conditioned for it."""
+    faster than a Householder QR of a tall matrix), Householder QR when ``x`` is too ill-conditioned for it.
+    Used where only the span's conditioning matters (the next power step); see :func:`_orthonormal_against`."""
     x64 = x.double()
     r, bad = torch.linalg.cholesky_ex(x64.T @ x64, upper=True)
     d = r.diagonal()
@@ -274,13 +281,44 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(r, x64, upper=True, left=False).to(x.dtype)
 
 
-def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning ``y`` with ``basis``'s span projected out (two rounds: twice is enough)."""
-    for _ in range(2):
+def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``y.shape[1]`` orthonormal columns, orthogonal to ``basis``, spanning ``y`` with ``basis`` projected out.
+
+    Two rounds of project-then-orthonormalize (twice is enough). Directions of ``y`` that lie in ``basis``'s span
+    up to rounding — the Krylov space has captured the whole range of A, e.g. a ΔW with only a few changed rows —
+    carry no information: they are dropped (eigendecomposition of the float64 Gram) and replaced by seeded random
+    directions, so the basis stays orthonormal and full width and the Rayleigh–Ritz step stays exact.
+    """
+    width = y.shape[1]
+    floor = float(y.double().square().sum()) * (64 * torch.finfo(y.dtype).eps) ** 2
+    for threshold in (floor, 0.25):  # round 2 sees unit columns: whatever lost over half its norm is noise
         if basis.shape[1]:
             y = y - basis @ (basis.T @ y)
-        y = _orthonormal(y)
+        y = _orthonormal_kept(y, threshold)
+    missing = width - y.shape[1]
+    if missing:
+        fill = torch.randn(basis.shape[0], missing, generator=gen, dtype=y.dtype).to(y.device)
+        done = torch.cat([basis, y], 1)
+        for _ in range(2):
+            fill = _orthonormal(fill - done @ (done.T @ fill))
+        y = torch.cat([y, fill], 1)
     return y
+
+
+def _orthonormal_kept(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal basis of the directions of ``x`` whose squared length exceeds ``threshold`` (Cholesky–QR on
+    the float64 Gram when ``x`` is well conditioned and above it, else its eigendecomposition)."""
+    if not x.shape[1]:
+        return x
+    x64 = x.double()
+    gram = x64.T @ x64
+    r, bad = torch.linalg.cholesky_ex(gram, upper=True)
+    d = r.diagonal()
+    if not int(bad) and float(d.min()) > float(d.max()) * 1e-5 and float(d.min()) ** 2 > threshold:
+        return torch.linalg.solve_triangular(r, x64, upper=True, left=False).to(x.dtype)
+    lam, vecs = torch.linalg.eigh(gram)
+    keep = lam > max(threshold, float(lam.max().clamp_min(0)) * 1e-12)
+    return (x64 @ (vecs[:, keep] / lam[keep].sqrt())).to(x.dtype)
 
 
 def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 16) -> float:

@@ -282,6 +282,23 @@ def test_power_iterations_trade_accuracy(big_pair):
     assert errs[4] <= opt_err * 1.005 < errs[0]
 
 
+def test_few_changed_rows_extract_exactly(tmp_path):
+    """An embedding-like ΔW where only 5 rows (tokens) changed, on the randomized path: the report and the stored
+    LoRA agree, and the LoRA reproduces ΔW (rank 16 ≥ its rank 5)."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(1200, 1000, generator=g) * 0.02
+    t = w.clone()
+    t[[3, 100, 500, 900, 1100]] += 0.01 * torch.randn(5, 1000, generator=g)
+    save_file({"blocks.0.proj.weight": w}, str(tmp_path / "b.safetensors"))
+    save_file({"blocks.0.proj.weight": t}, str(tmp_path / "t.safetensors"))
+    res = extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", ExtractOptions(rule=RankRule("rank", 16)))
+    (row,) = res.layers
+    diff = t - w
+    assert row["sigma_1"] == pytest.approx(float(torch.linalg.svdvals(diff.double())[0]), rel=1e-5)
+    assert row["relative_error"] < 1e-5
+    assert stored_error(res.adapter.layers["blocks.0.proj"], diff) < 1e-5
+
+
 def test_seeded_and_deterministic(big_pair):
     root, _, _ = big_pair
     opts = ExtractOptions(rule=RankRule("rank", 8), seed=5)

@@ -159,6 +159,43 @@ def test_randomized_svd_convergence_stop(kind):
     assert fixed["power_iters"] == 3
 
 
+@pytest.mark.parametrize("where", ["5 rows", "3 cols", "5 rows float64"])
+def test_randomized_svd_when_the_range_is_captured_early(where):
+    """A ΔW with a few changed rows (an embedding where few tokens moved) or columns: the Krylov space holds the
+    whole range after one block; later blocks must not repeat it (the basis stays orthonormal, σ exact)."""
+    g = torch.Generator().manual_seed(1)
+    dtype = torch.float64 if "float64" in where else torch.float32
+    a = torch.zeros(1200, 1000, dtype=dtype)
+    if "rows" in where:
+        a[[3, 100, 500, 900, 1100]] = torch.randn(5, 1000, generator=g, dtype=dtype)
+    else:
+        a[:, :3] = torch.randn(1200, 3, generator=g, dtype=dtype)
+    ref = torch.linalg.svdvals(a.double())[:16]
+    for tol in (0.0, 0.005):
+        u, s, vh = randomized_svd(a, 16, n_iter=4, tol=tol)
+        assert u.shape == (1200, 16) and s.shape == (16,) and vh.shape == (16, 1000)
+        assert torch.allclose(u.double().T @ u.double(), torch.eye(16, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(s.double(), ref, atol=1e-5 * float(ref[0]))
+        recon = (u.double() * s.double()) @ vh.double()
+        assert float((recon - a.double()).norm()) <= 1e-5 * float(a.double().norm())
+
+
+@pytest.mark.parametrize("rank", [200, 300, 500])
+def test_randomized_svd_mid_size_ranks_stay_accurate(rank):
+    """Where the Krylov space cannot hold two iterations (4·(rank+10) > min(m, n)) the exact SVD is used, never
+    a bare sketch; between those, fewer iterations but still near the optimum."""
+    g = torch.Generator().manual_seed(3)
+    u0, _ = torch.linalg.qr(torch.randn(1024, 1024, generator=g))
+    v0, _ = torch.linalg.qr(torch.randn(1024, 1024, generator=g))
+    a = (u0 * (1 + torch.arange(1024.0)) ** -0.5) @ v0.T
+    sv = torch.linalg.svdvals(a.double())
+    u, s, vh = randomized_svd(a, rank)
+    err = float((a.double() - (u.double() * s.double()) @ vh.double()).norm())
+    assert s.numel() == rank and err <= 1.005 * float(sv[rank:].norm())
+    u, s, vh = randomized_svd(a, 0)
+    assert u.shape == (1024, 0) and s.numel() == 0 and vh.shape == (0, 1024)
+
+
 def test_lora_from_factors_exact_balanced_and_fp16_safe():
     g = torch.Generator().manual_seed(6)
     # wildly unbalanced columns: left ~1e5, right ~1e-5 (their product is O(1)); one zero column
