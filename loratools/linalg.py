@@ -392,10 +392,11 @@ class RankRule:
             k = int(self.value)
         elif self.kind == "energy":
             cum = torch.cumsum(energy, 0)
-            # relative slack of a few ulps so that τ = 1 keeps exactly the non-zero spectrum
+            # relative slack of a few ulps; values at round-off level (below ``nonzero``) are never energy,
+            # so τ = 1 keeps exactly the non-zero spectrum even where a float32 SVD's Σσ² falls short of ‖A‖²
             reached = (cum >= self.value * total * (1 - 1e-9)).nonzero()
             k = int(reached[0]) + 1 if reached.numel() else s.numel()
-            k = min(k, nonzero) if self.value < 1 else k
+            k = min(k, nonzero)
         elif self.kind == "ratio":
             k = int((s >= float(s[0]) / self.value).sum())
         else:

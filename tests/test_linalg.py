@@ -102,6 +102,9 @@ def test_rank_rules():
     assert RankRule("energy", 16 / 21.25).choose(s) == 1
     assert RankRule("energy", 16.01 / 21.25).choose(s) == 2
     assert RankRule("energy", 1.0).choose(s) == 4  # the zero is not kept
+    # a float32 SVD's round-off values and Σσ² a few ulps short of the exact ‖A‖²: τ = 1 still stops at the signal
+    noisy = torch.tensor([4.0, 2.0, 1.0, 0.5, 3e-8, 2e-8])
+    assert RankRule("energy", 1.0).choose(noisy, total_energy=total * (1 + 1e-7)) == 4
     # against an exact total larger than the truncated spectrum's energy
     assert RankRule("energy", 0.9).choose(s[:2], total_energy=total * 2) == 2
     assert RankRule("ratio", 4).choose(s) == 3
