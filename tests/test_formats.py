@@ -145,6 +145,38 @@ def test_diffusers_to_kohya_prefixes(cli, tmp_path):
     assert "lora_unet_a_to_q.lora_down.weight" in keys and "lora_te2_b_q_proj.lora_up.weight" in keys
 
 
+def _peft_folder(folder, modules):
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir()
+    save_file({f"base_model.model.{m}.lora_{ab}.weight": torch.randn(*shape, generator=g)
+               for m in modules for ab, shape in (("A", (4, 16)), ("B", (16, 4)))},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                            "target_modules": sorted({m.split(".")[-1] for m in modules})}))
+    return folder
+
+
+@pytest.mark.parametrize("modules,component,diffusers_root,kohya_prefix", [
+    (["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out", "context_embedder"], None,
+     "transformer", "lora_transformer_"),  # a DiT adapter: every layer goes to the transformer, not unet
+    (["text_model.encoder.layers.0.self_attn.q_proj"], None, "text_encoder", "lora_te_"),
+    (["down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.proj_out"], None, "unet", "lora_unet_"),
+    (["transformer_blocks.0.attn.to_q", "context_embedder"], "text_encoder_2", "text_encoder_2", "lora_te2_"),
+])
+def test_component_of_component_less_peft_layers(cli, tmp_path, modules, component, diffusers_root, kohya_prefix):
+    """PEFT module paths carry no pipeline component: it is guessed once for the whole adapter (or --component),
+    for diffusers keys and kohya prefixes alike; the weights travel unchanged."""
+    src = _peft_folder(tmp_path / "a", modules)
+    extra = ["--component", component] if component else []
+    for fmt, want in (("diffusers", diffusers_root + "."), ("kohya", kohya_prefix)):
+        out = tmp_path / f"{fmt}.safetensors"
+        cli.ok("convert", src, "--to", fmt, "-o", out, *extra)
+        keys = list(tensors_of(out))
+        assert keys and all(k.startswith(want) for k in keys), keys
+        back = load_adapter(out)
+        assert len(back.layers) == len(modules)
+
+
 def test_rslora_and_embedding_peft_read(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -32,7 +32,7 @@ from loratools.cli.common import (
 from loratools.convert import check_convertible, convert_adapter
 from loratools.errors import LoraToolsError
 from loratools.formats import FORMATS, load_adapter, save_adapter
-from loratools.formats.common import check_output
+from loratools.formats.common import COMPONENTS, check_output
 
 
 @main.command("convert")
@@ -47,12 +47,15 @@ from loratools.formats.common import check_output
 @dtype_option
 @force_option
 @click.option("--kohya-prefix", default=None, help="Prefix for kohya names of layers with no component (default lora_unet_).")
+@click.option("--component", type=click.Choice(COMPONENTS), default=None,
+              help="Pipeline component of layers whose names carry none, for kohya/diffusers output (default: "
+                   "guessed from the adapter's module paths — DiT blocks → transformer, CLIP text_model → text_encoder — else unet).")
 @nonfinite_option
 @quiet_option
 @json_option
 @handle_errors
 def convert_command(adapter, to_format, out, base, in_format, rank, energy, ratio, threshold, max_rank, fold_dora,
-                    dtype, force, kohya_prefix, allow_nonfinite, quiet, as_json):
+                    dtype, force, kohya_prefix, component, allow_nonfinite, quiet, as_json):
     """Convert ADAPTER (PEFT LoRA/LoHa/LoKr/DoRA, kohya, LyCORIS, diffusers) to plain LoRA in --to format.
 
     Without a rank rule the conversion is exact; with --rank/--energy/--ratio/--threshold each layer is the
@@ -68,7 +71,7 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     check_convertible(ad, to_format, fold_dora, ckpt)
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
                                 progress=lambda it, n: progress(it, n, "convert", quiet or as_json))
-    save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix)
+    save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component)
     doc = {"input": str(adapter), "input_format": ad.format, "output": str(out_path), "format": to_format,
            "rule": rule.describe() if rule else "exact", "layers": len(new.layers), "params": new.num_params,
            "source_params": ad.num_params, "per_layer": rows, "warnings": new.warnings}

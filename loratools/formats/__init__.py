@@ -11,7 +11,7 @@ from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.formats import diffusers, kohya, lycoris, peft
-from loratools.formats.common import mangle, read_tensors, split_component
+from loratools.formats.common import adapter_component, mangle, read_tensors, split_component
 
 FORMATS = ("peft", "kohya", "diffusers")
 
@@ -138,16 +138,20 @@ def save_adapter(
     force: bool = False,
     dtype: torch.dtype | None = None,
     kohya_prefix: str | None = None,
+    component: str | None = None,
 ) -> None:
-    """Write ``adapter`` in ``format`` atomically (temp file/folder + rename)."""
+    """Write ``adapter`` in ``format`` atomically (temp file/folder + rename). ``component`` is the pipeline
+    component (``unet``, ``transformer``, …) of layers whose names carry none, for kohya and diffusers output
+    (default: :func:`~loratools.formats.common.adapter_component`'s guess, else unet)."""
     out = Path(out)
+    component = component or adapter_component(adapter.layers)
     if format == "lycoris":  # LyCORIS files are kohya-layout files: LoRA layers (+ dora_scale) go back as kohya
         format = "kohya"
     if format == "peft":
         peft.write(adapter, out, force, dtype)
     elif format == "kohya":
-        kohya.write(adapter, out, force, dtype, kohya_prefix)
+        kohya.write(adapter, out, force, dtype, kohya_prefix, component)
     elif format == "diffusers":
-        diffusers.write(adapter, out, force, dtype)
+        diffusers.write(adapter, out, force, dtype, component)
     else:
         raise LoraToolsError(f"unknown output format {format!r}; expected one of {', '.join(FORMATS)}")

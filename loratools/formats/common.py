@@ -56,12 +56,26 @@ def mangle(path: str) -> str:
     return path.replace(".", "_")
 
 
-def guess_component(name: str) -> str:
-    """Pipeline component of a module path that carries none (used to pick a kohya prefix)."""
+#: first module-path segment → pipeline component, for adapters whose module paths carry no component
+ROOT_COMPONENTS = {"transformer_blocks": "transformer", "single_transformer_blocks": "transformer",
+                   "text_model": "text_encoder"}
+
+
+def guess_component(name: str, default: str | None = None) -> str:
+    """Pipeline component of a module path (for kohya prefixes and diffusers keys): the component the path starts
+    with, else ``default`` (``--component``, or :func:`adapter_component`), else unet."""
     head = name.split(".", 1)[0]
     if head in COMPONENTS:
         return head
-    return "unet"
+    return default or "unet"
+
+
+def adapter_component(names: Iterable[str]) -> str | None:
+    """The one pipeline component an adapter's component-less module paths point to, from their roots (DiT
+    ``transformer_blocks`` → transformer, CLIP ``text_model`` → text_encoder); None if none or several."""
+    found = {ROOT_COMPONENTS.get(n.split(".", 1)[0]) for n in names if split_component(n)[0] is None}
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
 
 
 def split_component(name: str) -> tuple[str | None, str]:

@@ -65,7 +65,8 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     return adapter
 
 
-def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None) -> None:
+def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
+          component: str | None = None) -> None:
     if not adapter.resolved:
         raise LoraToolsError(
             f"layer names are kohya-mangled (e.g. {next(iter(adapter.layers))}) and could not be resolved to module paths; "
@@ -78,9 +79,8 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             raise LoraToolsError(f"{name}: {layer.kind} layers have no diffusers LoRA form; convert them to LoRA first")
         if layer.magnitude is not None:
             raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in diffusers format (use --to peft)")
-        component, path = split_component(name)
-        component = component or layer.meta.get("component") or guess_component(name)
-        stem = f"{component}.{path}"
+        known, path = split_component(name)
+        stem = f"{known or layer.meta.get('component') or guess_component(name, component)}.{path}"
         if layer.embedding:
             embeddings.append(stem)
         tensors[stem + ".lora_A.weight"] = layer.down if dtype is None else layer.down.to(dtype)

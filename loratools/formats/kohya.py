@@ -114,25 +114,25 @@ def _check_metadata(adapter: Adapter) -> None:
             )
 
 
-def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None) -> str:
+def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None, component: str | None = None) -> str:
     stem = layer.meta.get("kohya_stem")
     if stem and (not resolved or split_prefix(stem)[1] == mangle(split_component(name)[1])) and prefix is None:
         return stem
     if not resolved:
         return name
-    component, path = split_component(name)
-    component = component or layer.meta.get("component") or guess_component(name)
+    known, path = split_component(name)
+    component = known or layer.meta.get("component") or guess_component(name, component)
     return (prefix or COMPONENT_PREFIX.get(component, "lora_unet_")) + mangle(path)
 
 
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
-          prefix: str | None = None) -> None:
+          prefix: str | None = None, component: str | None = None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
     for name, layer in adapter.layers.items():
         if not isinstance(layer, LoraLayer):
             raise LoraToolsError(f"{name}: {layer.kind} layers have no kohya LoRA form; convert them to LoRA first")
-        stem = stem_for(name, layer, adapter.resolved, prefix)
+        stem = stem_for(name, layer, adapter.resolved, prefix, component)
         if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
             mag = layer.magnitude.reshape(-1)
             shape = ((layer.shape[0], *([1] * (len(layer.shape) - 1))) if layer.magnitude_axis == "out"
