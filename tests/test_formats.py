@@ -177,6 +177,40 @@ def test_component_of_component_less_peft_layers(cli, tmp_path, modules, compone
         assert len(back.layers) == len(modules)
 
 
+def test_safetensors_writer_is_reproducible_and_standard(tmp_path):
+    """Our writer: the same bytes in every process (the safetensors package orders its header differently each
+    run), and a file the reference reader loads to the same tensors, dtypes and metadata."""
+    import subprocess
+    import sys
+
+    from loratools.formats.common import save_safetensors
+
+    script = (
+        "import sys, torch; from pathlib import Path; from loratools.formats.common import save_safetensors\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "t = {f'w{i}': torch.randn(3, i + 1, generator=g) for i in range(12)}\n"
+        "t.update(h=torch.randn(5, generator=g).half(), b=torch.randn(2, 2, generator=g).bfloat16(), i=torch.arange(3),"
+        " e=torch.zeros(0, 4), s=torch.tensor(2.5), m=torch.tensor([True, False]))\n"
+        "save_safetensors(t, Path(sys.argv[1]), {f'k{i}': str(i) for i in range(12)})\n"
+    )
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert loaded["h"].dtype == torch.float16 and loaded["b"].dtype == torch.bfloat16 and loaded["i"].dtype == torch.int64
+    assert loaded["e"].shape == (0, 4) and loaded["s"].shape == () and float(loaded["s"]) == 2.5
+    assert loaded["m"].tolist() == [True, False] and loaded["w11"].shape == (3, 12)
+    assert meta_of(tmp_path / "0.safetensors") == {f"k{i}": str(i) for i in range(12)}
+    # non-contiguous views and slices of one storage are written as their own values
+    base = torch.arange(12.0).reshape(3, 4)
+    save_safetensors({"t": base.T, "row": base[1], "col": base[:, 2]}, tmp_path / "v.safetensors", {})
+    got = load_file(str(tmp_path / "v.safetensors"))
+    assert torch.equal(got["t"], base.T) and torch.equal(got["row"], base[1]) and torch.equal(got["col"], base[:, 2])
+
+
 def test_rslora_and_embedding_peft_read(tmp_path):
     from peft import LoraConfig, get_peft_model
 

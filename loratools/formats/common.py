@@ -6,15 +6,15 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loratools.adapter import LoraLayer
-from loratools.checkpoint import is_safetensors, open_safetensors, safe_load_pickle
+from loratools.checkpoint import DTYPES, is_safetensors, open_safetensors, safe_load_pickle
 from loratools.errors import LoraToolsError
 
 #: kohya prefix → diffusers pipeline component
@@ -152,21 +152,34 @@ def _umask_perms(path: Path, is_dir: bool) -> None:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write tensors (contiguous, no shared storage) with string metadata."""
-    clean: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, v in tensors.items():
-        v = v.detach().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if _shares(v) or (ptr in seen and v.numel() > 0):
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        clean[k] = v
-    save_file(clean, str(path), metadata={str(k): str(v) for k, v in metadata.items()})
+    """Write tensors with string metadata in the safetensors format, byte-for-byte reproducibly.
 
-
-def _shares(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+    The ``safetensors`` package serializes its header from a hash map, so the same tensors and metadata give
+    different bytes in every process. This writer fixes the order instead — metadata sorted by key; tensors by
+    descending element size, then name (every tensor starts aligned to its element size, as the reference
+    writer does) — so the same inputs always give the same file. The layout is the format's: 8-byte
+    little-endian header length, JSON header padded with spaces to a multiple of 8, then the data.
+    """
+    names = {dtype: name for name, dtype in DTYPES.items() if dtype is not None}
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in sorted(metadata.items())}} if metadata else {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in names:
+            raise LoraToolsError(f"{path}: tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for k in order:
+            t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
+            if t.numel():
+                fh.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 def json_dumps(obj) -> str:
