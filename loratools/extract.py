@@ -47,7 +47,7 @@ from loratools.adapter import Adapter, LoraLayer
 from loratools.checkpoint import DTYPES, Checkpoint, is_safetensors
 from loratools.device import resolve_device
 from loratools.errors import LoraToolsError
-from loratools.linalg import RankRule, frobenius_sq, lora_from_svd, randomized_svd, truncated_svd
+from loratools.linalg import RankRule, frobenius_sq, krylov_fits, lora_from_svd, randomized_svd, truncated_svd
 from loratools.stats import spectrum_stats
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -560,7 +560,7 @@ def layer_spectrum_of_diff(
 ) -> tuple[torch.Tensor, bool]:
     """Singular values of ΔW (2-D): exact ``svdvals`` when small or asked, else randomized top-``top``
     (block Krylov, iterations stopped by the same convergence test as ``extract``; ``total`` = ‖ΔW‖²)."""
-    if exact or min(diff.shape) <= exact_below or top >= min(diff.shape):
+    if exact or min(diff.shape) <= exact_below or top >= min(diff.shape) or not krylov_fits(*diff.shape, top, n_iter=4):
         return torch.linalg.svdvals(diff).cpu(), True
     _, s, _ = randomized_svd(diff, top, seed=seed, n_iter=4, tol=ExtractOptions.power_tol, total_energy=total)
     return s.cpu(), False

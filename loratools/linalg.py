@@ -228,13 +228,12 @@ def randomized_svd(
             info["power_iters"] = 0
         return matrix.new_zeros(m, 0), matrix.new_zeros(0), matrix.new_zeros(0, n)
     width = min(rank + oversample, m, n)
-    blocks = min(m, n) // (2 * width)  # the Krylov space stays within half of min(m, n)
-    if blocks < min(n_iter, 2) + 1:  # not even two iterations fit: the exact SVD is the better deal
+    if not krylov_fits(m, n, rank, oversample, n_iter):  # the exact SVD is the better deal
         u, s, vh = svd(matrix)
         if info is not None:
             info["power_iters"] = 0
         return u[:, :rank], s[:rank], vh[:rank]
-    n_iter = min(n_iter, blocks - 1)
+    n_iter = min(n_iter, min(m, n) // (2 * width) - 1)  # the Krylov space stays within half of min(m, n)
     a = matrix
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, width, generator=gen, dtype=a.dtype).to(a.device)
@@ -267,6 +266,13 @@ def randomized_svd(
     top = vecs[:, -rank:].flip(1)
     uc, s, vh = torch.linalg.svd((zs @ top).T.to(a.dtype), full_matrices=False)
     return basis @ (top.to(a.dtype) @ uc), s, vh
+
+
+def krylov_fits(m: int, n: int, rank: int, oversample: int = 10, n_iter: int = 4) -> bool:
+    """Whether :func:`randomized_svd` sketches an m×n matrix (else it computes the exact SVD): the Krylov space of
+    two iterations (or of ``n_iter``, if fewer) must fit within half of min(m, n)."""
+    width = min(rank + oversample, m, n)
+    return min(m, n) // (2 * width) >= min(n_iter, 2) + 1
 
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,11 @@ def test_randomized_top_k(big_pair):  # noqa: F811
         assert row["rank_table"]["32"]["energy"] is None
     exact = spectrum(root / "base.safetensors", root / "tuned.safetensors", top=20, exact=True, include=["blocks.*"])
     assert all(r["exact"] for r in exact["layers"])
+    # a --top too large for the Krylov space of the layer (320×512, top 100): the exact, complete spectrum
+    wide = spectrum(root / "base.safetensors", root / "tuned.safetensors", top=100, exact_below=100,
+                    include=["blocks.1.*"])
+    (row,) = wide["layers"]
+    assert row["exact"] and len(row["singular_values"]) == 320 and row["effective_rank"] is not None
 
 
 def test_spectrum_cli_table_json_plot(llama_pair, cli, tmp_path):  # noqa: F811
