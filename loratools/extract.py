@@ -98,7 +98,8 @@ class TensorStream:
             raw = torch.empty(size, dtype=torch.uint8)
         else:
             raw = self._slots.get(slot)
-            if raw is None or raw.numel() < size:
+            # grown to the largest tensor so far; given back once a much smaller one follows (after an embedding)
+            if raw is None or raw.numel() < size or raw.numel() > 2 * size + SLOT_SLACK:
                 self._slots.pop(slot, None)
                 raw = self._slots[slot] = torch.empty(size, dtype=torch.uint8)
         pad = -raw.data_ptr() % DIRECT_ALIGN
@@ -135,6 +136,8 @@ class TensorStream:
         return buf[head : head + b - a].view(dtype).reshape(info["shape"])
 
 
+#: a scratch slot more than twice (plus this) the size it is asked for is reallocated smaller
+SLOT_SLACK = 64 << 20
 #: tensors of at least this many bytes are read with O_DIRECT where possible (smaller: buffered)
 DIRECT_MIN_BYTES = 8 << 20
 #: O_DIRECT offset, length and address alignment (the largest logical block size in use)
@@ -183,28 +186,37 @@ def _read_direct(path: Path, offset: int, buf: torch.Tensor) -> int:
     return got
 
 
+#: pairs with more elements than this (a large vocabulary's embedding or head) are never read ahead, and go into
+#: the slot the caller just released: at most one such pair is in memory at a time
+READ_AHEAD_MAX = 1 << 26
+
+
 def read_pairs(
     pairs: list[TensorPair], bstream: TensorStream, tstream: TensorStream
 ) -> Iterator[tuple[TensorPair, torch.Tensor, torch.Tensor]]:
     """Yield ``(pair, W_base, W_tuned)`` in order while a helper thread reads the next pair.
 
-    Pair ``i`` lives in scratch slot ``i % 2`` of each stream; the tensors handed out are valid until
-    the caller asks for the next pair (that request starts reading pair ``i + 2`` into the same slot).
-    Reading (the thread waits on the disk, without the GIL) overlaps the caller's SVD of the current
-    pair. Read errors surface in the caller's loop.
+    Two scratch slots per stream: while the caller works on a pair in one slot, the thread reads the next pair
+    into the other (the thread waits on the disk, without the GIL, so reading overlaps the caller's SVD). The
+    tensors handed out are valid until the caller asks for the next pair. A pair above ``READ_AHEAD_MAX``
+    elements is read only once the caller asks for it, into the slot just released. Read errors surface in the
+    caller's loop.
     """
-    def load(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(i: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = pairs[i].key
-        return bstream.read(key, slot=i % 2), tstream.read(key, slot=i % 2)
+        return bstream.read(key, slot=slot), tstream.read(key, slot=slot)
 
     if not pairs:
         return
+    big = [math.prod(p.shape) > READ_AHEAD_MAX for p in pairs]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratools-read") as pool:
-        pending = pool.submit(load, 0)
+        slot, pending = 0, None
         for i, pair in enumerate(pairs):
-            w_base, w_tuned = pending.result()
-            if i + 1 < len(pairs):
-                pending = pool.submit(load, i + 1)
+            w_base, w_tuned = pending.result() if pending is not None else load(i, slot)
+            pending = None
+            if i + 1 < len(pairs) and not big[i + 1]:
+                slot = 1 - slot
+                pending = pool.submit(load, i + 1, slot)
             yield pair, w_base, w_tuned
 
 

@@ -299,6 +299,35 @@ def test_few_changed_rows_extract_exactly(tmp_path):
     assert stored_error(res.adapter.layers["blocks.0.proj"], diff) < 1e-5
 
 
+def test_large_pairs_are_not_read_ahead(llama_pair, monkeypatch):
+    """With every pair above READ_AHEAD_MAX, pairs are read one at a time into one slot per stream; the result is
+    the same adapter as with read-ahead, and a slot grown for a large tensor is given back for small ones."""
+    from loratools import extract as ex
+
+    root = llama_pair["root"]
+    opts = ExtractOptions(rule=RankRule("rank", 4))
+    ahead = extract(root / "base", root / "tuned", opts)
+    slots: list[int] = []
+    real = ex.TensorStream.read
+
+    def spy(self, key, slot=None):
+        if slot is not None:
+            slots.append(slot)
+        return real(self, key, slot)
+
+    monkeypatch.setattr(ex.TensorStream, "read", spy)
+    monkeypatch.setattr(ex, "READ_AHEAD_MAX", 0)
+    one = extract(root / "base", root / "tuned", opts)
+    assert set(slots) == {0}
+    for name, layer in ahead.adapter.layers.items():
+        assert torch.equal(layer.down, one.adapter.layers[name].down) and torch.equal(layer.up, one.adapter.layers[name].up)
+    monkeypatch.setattr(ex, "SLOT_SLACK", 0)
+    stream = TensorStream(Checkpoint(root / "tuned"))
+    big = stream.read("model.embed_tokens.weight", slot=0).untyped_storage().nbytes()
+    small = stream.read("model.layers.0.input_layernorm.weight", slot=0).untyped_storage().nbytes()
+    assert small < big
+
+
 def test_seeded_and_deterministic(big_pair):
     root, _, _ = big_pair
     opts = ExtractOptions(rule=RankRule("rank", 8), seed=5)
