@@ -145,34 +145,18 @@ DIRECT_ALIGN = 4096
 
 
 def _read_direct(path: Path, offset: int, buf: torch.Tensor) -> int:
-    """Read ``buf.numel()`` bytes at ``offset`` (both aligned): what the page cache already holds with a
-    non-blocking buffered read (``RWF_NOWAIT``: a warm file costs a memcpy, not a disk read), the rest with
-    ``O_DIRECT``. Returns the bytes read, or -1 where the platform or filesystem refuses ``O_DIRECT`` (the
-    caller then reads buffered)."""
+    """Read ``buf.numel()`` bytes at ``offset`` (both aligned) with ``O_DIRECT``; bytes read, or -1 where the
+    platform or filesystem refuses it (the caller then reads buffered). (A non-blocking buffered read of the
+    pages already cached first was tried: on a cold file the kernel then starts its readahead anyway, so the
+    bytes were read twice and cached — what ``O_DIRECT`` is there to avoid.)"""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return -1
-    view, got = memoryview(buf.numpy()), 0
-    nowait = getattr(os, "RWF_NOWAIT", 0)
-    if nowait:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while got < len(view):
-                n = os.preadv(fd, [view[got:]], offset + got, nowait)
-                if n <= 0:
-                    break
-                got += n
-        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
-            pass
-        finally:
-            os.close(fd)
-        if got == len(view):
-            return got
-        got -= got % DIRECT_ALIGN
     try:
         fd = os.open(path, os.O_RDONLY | flag)
     except OSError:
         return -1
+    view, got = memoryview(buf.numpy()), 0
     try:
         while got < len(view):
             n = os.preadv(fd, [view[got:]], offset + got)

@@ -292,12 +292,14 @@ def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor, gen: torch.Genera
 
     Two rounds of project-then-orthonormalize (twice is enough). Directions of ``y`` that lie in ``basis``'s span
     up to rounding — the Krylov space has captured the whole range of A, e.g. a ΔW with only a few changed rows —
-    carry no information: they are dropped (eigendecomposition of the float64 Gram) and replaced by seeded random
-    directions, so the basis stays orthonormal and full width and the Rayleigh–Ritz step stays exact.
+    carry no information: they show up in round 2 as unit vectors that lose most of their length to the basis,
+    are dropped (eigendecomposition of the float64 Gram) and replaced by seeded random directions, so the basis
+    stays orthonormal and full width and the Rayleigh–Ritz step stays exact.
     """
     width = y.shape[1]
-    floor = float(y.double().square().sum()) * (64 * torch.finfo(y.dtype).eps) ** 2
-    for threshold in (floor, 0.25):  # round 2 sees unit columns: whatever lost over half its norm is noise
+    # round 1 keeps every direction the float64 Gram can resolve, however small (a row changed by 1e-6 is real);
+    # round 2 sees unit columns: whatever then loses over half its norm to the basis was rounding noise
+    for threshold in (0.0, 0.25):
         if basis.shape[1]:
             y = y - basis @ (basis.T @ y)
         y = _orthonormal_kept(y, threshold)
@@ -323,7 +325,7 @@ def _orthonormal_kept(x: torch.Tensor, threshold: float) -> torch.Tensor:
     if not int(bad) and float(d.min()) > float(d.max()) * 1e-5 and float(d.min()) ** 2 > threshold:
         return torch.linalg.solve_triangular(r, x64, upper=True, left=False).to(x.dtype)
     lam, vecs = torch.linalg.eigh(gram)
-    keep = lam > max(threshold, float(lam.max().clamp_min(0)) * 1e-12)
+    keep = lam > max(threshold, float(lam.max().clamp_min(0)) * 1e-14)  # float64 eigh resolves ~1e-16·λmax
     return (x64 @ (vecs[:, keep] / lam[keep].sqrt())).to(x.dtype)
 
 
@@ -341,6 +343,7 @@ def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 16) -> float:
 
 
 RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
 
@@ -391,7 +394,8 @@ class RankRule:
             return 0
         energy = s.square()
         total = float(energy.sum()) if total_energy is None else float(total_energy)
-        nonzero = int((s > float(s[0]) * max(s.numel(), 1) * 1e-6).sum())
+        # numerical rank at float32 round-off (numpy's matrix_rank tolerance for float32): adapters are fp16/fp32
+        nonzero = int((s > float(s[0]) * max(s.numel(), 1) * FLOAT32_EPS).sum())
         if self.kind == "full":
             k = nonzero
         elif self.kind == "rank":
@@ -452,6 +456,11 @@ def truncated_svd(
     else:
         k = min(int(rule.value) if rule.kind == "rank" else start_rank, cap)
         while True:
+            if not krylov_fits(m, n, k, oversample, n_iter):  # randomized_svd would go exact: once, completely
+                u, s, vh = svd(a)
+                if info is not None:
+                    info["power_iters"] = 0
+                break
             u, s, vh = randomized_svd(a, k, oversample=oversample, n_iter=n_iter, seed=seed, tol=tol, total_energy=total,
                                      info=info)
             if rule.kind == "rank" or k >= cap or rule.satisfied_by(s, total, cap):

@@ -211,6 +211,31 @@ def test_safetensors_writer_is_reproducible_and_standard(tmp_path):
     assert torch.equal(got["t"], base.T) and torch.equal(got["row"], base[1]) and torch.equal(got["col"], base[:, 2])
 
 
+def test_component_option_rehomes_kohya_and_diffusers_inputs(cli, tmp_path):
+    """--component is every layer's component: a Flux-style kohya file (lora_unet_ over transformer blocks) goes to
+    diffusers as transformer.*, to kohya as lora_transformer_*; a two-component adapter is refused, nothing written."""
+    g = torch.Generator().manual_seed(0)
+    d, u = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
+    save_file({"lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": d,
+               "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight": u}, str(tmp_path / "k.safetensors"))
+    cli.ok("convert", tmp_path / "k.safetensors", "--to", "kohya", "-o", tmp_path / "k2.safetensors",
+           "--component", "transformer")
+    assert list(tensors_of(tmp_path / "k2.safetensors")) == [
+        "lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight",
+        "lora_transformer_transformer_blocks_0_attn_to_q.lora_up.weight"]
+    save_file({"unet.a.to_q.lora_A.weight": d, "unet.a.to_q.lora_B.weight": u}, str(tmp_path / "d.safetensors"))
+    cli.ok("convert", tmp_path / "d.safetensors", "--to", "diffusers", "-o", tmp_path / "d2.safetensors",
+           "--component", "transformer")
+    assert sorted(tensors_of(tmp_path / "d2.safetensors")) == ["transformer.a.to_q.lora_A.weight",
+                                                             "transformer.a.to_q.lora_B.weight"]
+    save_file({"unet.a.to_q.lora_A.weight": d, "unet.a.to_q.lora_B.weight": u,
+               "text_encoder.b.q_proj.lora_A.weight": d.clone(), "text_encoder.b.q_proj.lora_B.weight": u.clone()},
+              str(tmp_path / "two.safetensors"))
+    cli.fails("convert", tmp_path / "two.safetensors", "--to", "diffusers", "-o", tmp_path / "x.safetensors",
+              "--component", "transformer", match="text_encoder, unet")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_rslora_and_embedding_peft_read(tmp_path):
     from peft import LoraConfig, get_peft_model
 

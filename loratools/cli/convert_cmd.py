@@ -48,8 +48,9 @@ from loratools.formats.common import COMPONENTS, check_output
 @force_option
 @click.option("--kohya-prefix", default=None, help="Prefix for kohya names of layers with no component (default lora_unet_).")
 @click.option("--component", type=click.Choice(COMPONENTS), default=None,
-              help="Pipeline component of layers whose names carry none, for kohya/diffusers output (default: "
-                   "guessed from the adapter's module paths — DiT blocks → transformer, CLIP text_model → text_encoder — else unet).")
+              help="Pipeline component of every layer in kohya/diffusers output (e.g. transformer for a Flux LoRA stored "
+                   "with lora_unet_ keys). Default: the input's own components; where it has none, guessed from the "
+                   "module paths (DiT blocks → transformer, CLIP text_model → text_encoder), else unet.")
 @nonfinite_option
 @quiet_option
 @json_option
@@ -71,7 +72,10 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     check_convertible(ad, to_format, fold_dora, ckpt)
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
                                 progress=lambda it, n: progress(it, n, "convert", quiet or as_json))
-    save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component)
+    if component and to_format == "peft":
+        new.warnings.append(f"--component {component} has no effect on PEFT output (PEFT keys carry no pipeline component)")
+    save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component,
+                 force_component=bool(component))
     doc = {"input": str(adapter), "input_format": ad.format, "output": str(out_path), "format": to_format,
            "rule": rule.describe() if rule else "exact", "layers": len(new.layers), "params": new.num_params,
            "source_params": ad.num_params, "per_layer": rows, "warnings": new.warnings}

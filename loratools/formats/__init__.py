@@ -11,7 +11,13 @@ from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.formats import diffusers, kohya, lycoris, peft
-from loratools.formats.common import adapter_component, mangle, read_tensors, split_component
+from loratools.formats.common import (
+    adapter_component,
+    check_single_component,
+    mangle,
+    read_tensors,
+    split_component,
+)
 
 FORMATS = ("peft", "kohya", "diffusers")
 
@@ -139,19 +145,23 @@ def save_adapter(
     dtype: torch.dtype | None = None,
     kohya_prefix: str | None = None,
     component: str | None = None,
+    force_component: bool = False,
 ) -> None:
     """Write ``adapter`` in ``format`` atomically (temp file/folder + rename). ``component`` is the pipeline
     component (``unet``, ``transformer``, …) of layers whose names carry none, for kohya and diffusers output
-    (default: :func:`~loratools.formats.common.adapter_component`'s guess, else unet)."""
+    (default: :func:`~loratools.formats.common.adapter_component`'s guess, else unet); with ``force_component``
+    it is every layer's component (the user's ``--component``; refused for a multi-component adapter)."""
     out = Path(out)
+    if force_component and component:
+        check_single_component(adapter, component)
     component = component or adapter_component(adapter.layers)
     if format == "lycoris":  # LyCORIS files are kohya-layout files: LoRA layers (+ dora_scale) go back as kohya
         format = "kohya"
     if format == "peft":
         peft.write(adapter, out, force, dtype)
     elif format == "kohya":
-        kohya.write(adapter, out, force, dtype, kohya_prefix, component)
+        kohya.write(adapter, out, force, dtype, kohya_prefix, component, force_component)
     elif format == "diffusers":
-        diffusers.write(adapter, out, force, dtype, component)
+        diffusers.write(adapter, out, force, dtype, component, force_component)
     else:
         raise LoraToolsError(f"unknown output format {format!r}; expected one of {', '.join(FORMATS)}")

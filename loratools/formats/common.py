@@ -78,6 +78,16 @@ def adapter_component(names: Iterable[str]) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def check_single_component(adapter, component: str) -> None:
+    """``--component`` re-homes every layer: refuse an adapter whose layers belong to several components."""
+    found = {split_component(n)[0] or la.meta.get("component") for n, la in adapter.layers.items()} - {None}
+    if len(found) > 1:
+        raise LoraToolsError(
+            f"--component {component}: the adapter has layers for {', '.join(sorted(found))}; "
+            "it can only re-home a single-component adapter"
+        )
+
+
 def split_component(name: str) -> tuple[str | None, str]:
     head, _, rest = name.partition(".")
     if head in COMPONENTS and rest:
@@ -167,7 +177,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     for k in order:
         t = tensors[k]
         if t.dtype not in names:
-            raise LoraToolsError(f"{path}: tensor {k!r} has dtype {t.dtype}, which safetensors cannot store")
+            raise LoraToolsError(f"tensor {k!r} has dtype {t.dtype}, which loratools cannot write to safetensors")
         size = t.numel() * t.element_size()
         header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size

@@ -66,7 +66,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 
 
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
-          component: str | None = None) -> None:
+          component: str | None = None, force_component: bool = False) -> None:
     if not adapter.resolved:
         raise LoraToolsError(
             f"layer names are kohya-mangled (e.g. {next(iter(adapter.layers))}) and could not be resolved to module paths; "
@@ -80,7 +80,11 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
         if layer.magnitude is not None:
             raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in diffusers format (use --to peft)")
         known, path = split_component(name)
-        stem = f"{known or layer.meta.get('component') or guess_component(name, component)}.{path}"
+        if force_component and component:
+            owner = component
+        else:
+            owner = known or layer.meta.get("component") or guess_component(name, component)
+        stem = f"{owner}.{path}"
         if layer.embedding:
             embeddings.append(stem)
         tensors[stem + ".lora_A.weight"] = layer.down if dtype is None else layer.down.to(dtype)

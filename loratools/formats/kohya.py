@@ -114,8 +114,15 @@ def _check_metadata(adapter: Adapter) -> None:
             )
 
 
-def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None, component: str | None = None) -> str:
+def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None, component: str | None = None,
+             force: bool = False) -> str:
+    """The kohya stem of a layer. ``component`` is the pipeline component for layers that carry none; with
+    ``force`` (the user's ``--component``) it replaces whatever component the layer had."""
     stem = layer.meta.get("kohya_stem")
+    if force and component and prefix is None:
+        prefix = COMPONENT_PREFIX[component]
+        if not resolved:  # the name is a stem itself: swap its prefix
+            return prefix + split_prefix(stem or name)[1]
     if stem and (not resolved or split_prefix(stem)[1] == mangle(split_component(name)[1])) and prefix is None:
         return stem
     if not resolved:
@@ -126,13 +133,13 @@ def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None, co
 
 
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
-          prefix: str | None = None, component: str | None = None) -> None:
+          prefix: str | None = None, component: str | None = None, force_component: bool = False) -> None:
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
     for name, layer in adapter.layers.items():
         if not isinstance(layer, LoraLayer):
             raise LoraToolsError(f"{name}: {layer.kind} layers have no kohya LoRA form; convert them to LoRA first")
-        stem = stem_for(name, layer, adapter.resolved, prefix, component)
+        stem = stem_for(name, layer, adapter.resolved, prefix, component, force_component)
         if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
             mag = layer.magnitude.reshape(-1)
             shape = ((layer.shape[0], *([1] * (len(layer.shape) - 1))) if layer.magnitude_axis == "out"
