@@ -187,9 +187,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for k in order:
-            t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
-            if t.numel():
-                fh.write(memoryview(t.view(torch.uint8).numpy()))
+            _write_tensor(fh, tensors[k])
+
+
+def _write_tensor(fh, t: torch.Tensor) -> None:
+    """A tensor's bytes, C order, native (little-endian) layout."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel():
+        fh.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def json_dumps(obj) -> str:
