@@ -61,13 +61,13 @@ ROOT_COMPONENTS = {"transformer_blocks": "transformer", "single_transformer_bloc
                    "text_model": "text_encoder"}
 
 
-def guess_component(name: str, default: str | None = None) -> str:
-    """Pipeline component of a module path (for kohya prefixes and diffusers keys): the component the path starts
-    with, else ``default`` (``--component``, or :func:`adapter_component`), else unet."""
-    head = name.split(".", 1)[0]
-    if head in COMPONENTS:
-        return head
-    return default or "unet"
+def layer_component(name: str, layer, component: str | None = None, force: bool = False) -> str:
+    """Pipeline component a layer is written under (kohya prefix, diffusers key): ``component`` when ``force`` (the
+    user's ``--component``); else the one its name or its source file gave it; else ``component`` (the
+    adapter-wide guess, :func:`adapter_component`); else unet."""
+    if force and component:
+        return component
+    return split_component(name)[0] or layer.meta.get("component") or component or "unet"
 
 
 def adapter_component(names: Iterable[str]) -> str | None:

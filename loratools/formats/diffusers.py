@@ -20,7 +20,7 @@ from loratools.formats.common import (
     atomic_path,
     embed_peft_config,
     embedding_metadata,
-    guess_component,
+    layer_component,
     lora_from_parts,
     save_safetensors,
     split_component,
@@ -79,12 +79,7 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             raise LoraToolsError(f"{name}: {layer.kind} layers have no diffusers LoRA form; convert them to LoRA first")
         if layer.magnitude is not None:
             raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in diffusers format (use --to peft)")
-        known, path = split_component(name)
-        if force_component and component:
-            owner = component
-        else:
-            owner = known or layer.meta.get("component") or guess_component(name, component)
-        stem = f"{owner}.{path}"
+        stem = f"{layer_component(name, layer, component, force_component)}.{split_component(name)[1]}"
         if layer.embedding:
             embeddings.append(stem)
         tensors[stem + ".lora_A.weight"] = layer.down if dtype is None else layer.down.to(dtype)

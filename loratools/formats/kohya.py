@@ -24,7 +24,7 @@ from loratools.formats.common import (
     atomic_path,
     embed_peft_config,
     embedding_metadata,
-    guess_component,
+    layer_component,
     lora_from_parts,
     mangle,
     save_safetensors,
@@ -127,9 +127,8 @@ def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None, co
         return stem
     if not resolved:
         return name
-    known, path = split_component(name)
-    component = known or layer.meta.get("component") or guess_component(name, component)
-    return (prefix or COMPONENT_PREFIX.get(component, "lora_unet_")) + mangle(path)
+    owner = layer_component(name, layer, component)
+    return (prefix or COMPONENT_PREFIX.get(owner, "lora_unet_")) + mangle(split_component(name)[1])
 
 
 def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
