@@ -126,12 +126,10 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
         else:
             u, s, vh, total = truncated_svd(layer.diff.reshape(m, n), rule)
         tail = max(total - float(s.double().square().sum()), 0.0)
-    elif rule is None and isinstance(layer, (LohaLayer, TuckerLoraLayer)) and _factor_rank(layer) < min(layer.matrix_shape):
-        # exact without any SVD: the structure's own factors (LoHa: Khatri–Rao products), balanced per column
-        left, right = layer.factors(dtype)
-        if not bool(((left.norm(dim=0) > 0) & (right.norm(dim=0) > 0)).any()):
-            raise LoraToolsError(f"layer {tuple(layer.shape)} has a zero delta; nothing to keep at rank 0")
-        return lora_from_factors(left, right, layer.shape, layer.dtype), 1.0, 0.0
+    elif rule is None and isinstance(layer, (LohaLayer, TuckerLoraLayer)) and layer.rank < min(layer.matrix_shape):
+        # exact without any SVD: the structure's own factors (LoHa: Khatri–Rao products), balanced per column;
+        # ``rank`` is the factor count capped at min(m, n), so below the cap it is the factor count itself
+        return lora_from_factors(*layer.factors(dtype), layer.shape, layer.dtype), 1.0, 0.0
     else:
         if isinstance(layer, LokrLayer):  # spectrum first (products), then only the kept Kronecker vectors
             s_all = spectrum(layer, dtype)
@@ -151,13 +149,6 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
     err = math.sqrt(tail / total) if total > 0 else 0.0
     out = lora_from_svd(u, s, vh, layer.shape, layer.dtype)
     return out, energy, err
-
-
-def _factor_rank(layer: LohaLayer | TuckerLoraLayer) -> int:
-    """Columns of the layer's exact factors (LoHa r₁r₂, Tucker LoCon r), before any cap."""
-    if isinstance(layer, LohaLayer):
-        return int(layer.w1b.shape[0] * layer.w2b.shape[0])
-    return int(layer.up.shape[1])
 
 
 def fold_layer(layer: Layer, w: torch.Tensor, rule: RankRule) -> tuple[LoraLayer, float, float, float | None]:

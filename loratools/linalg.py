@@ -504,10 +504,11 @@ def lora_from_factors(left: torch.Tensor, right: torch.Tensor, shape: tuple[int,
     number of columns (the structural rank); the factors are not orthogonal.
     """
     k = int(left.shape[1])
-    if k == 0:
-        raise LoraToolsError("cannot build a LoRA layer of rank 0")
     ln, rn = left.norm(dim=0), right.norm(dim=0)
-    c = torch.where((ln > 0) & (rn > 0), torch.sqrt(rn / ln.clamp_min(torch.finfo(ln.dtype).tiny)), torch.ones_like(ln))
+    live = (ln > 0) & (rn > 0)
+    if not bool(live.any()):
+        raise LoraToolsError(f"layer {tuple(shape)} has a zero delta; nothing to keep at rank 0")
+    c = torch.where(live, torch.sqrt(rn / ln.clamp_min(torch.finfo(ln.dtype).tiny)), torch.ones_like(ln))
     return _lora_layer(left * c, (right / c).T, shape, dtype, float(k), False)
 
 
