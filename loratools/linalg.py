@@ -276,15 +276,23 @@ def krylov_fits(m: int, n: int, rank: int, oversample: int = 10, n_iter: int = 4
 
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the columns of a tall ``x``: Cholesky–QR on the float64 Gram (one small GEMM, much
-    faster than a Householder QR of a tall matrix), Householder QR when ``x`` is too ill-conditioned for it.
-    Used where only the span's conditioning matters (the next power step); see :func:`_orthonormal_against`."""
+    """Orthonormal basis of the columns of a tall ``x``: Cholesky–QR (:func:`_cholesky_qr`), Householder QR when
+    ``x`` is too ill-conditioned for it. Used where only the span's conditioning matters (the next power step);
+    see :func:`_orthonormal_against`."""
     x64 = x.double()
-    r, bad = torch.linalg.cholesky_ex(x64.T @ x64, upper=True)
+    q = _cholesky_qr(x64, x64.T @ x64)
+    return torch.linalg.qr(x)[0] if q is None else q.to(x.dtype)
+
+
+def _cholesky_qr(x64: torch.Tensor, gram: torch.Tensor, min_sq: float = 0.0) -> torch.Tensor | None:
+    """``x R⁻¹`` with ``R`` the Cholesky factor of the float64 Gram ``xᵀx`` (one small GEMM: much faster than a
+    Householder QR of a tall matrix), or None where ``x`` is too ill-conditioned for it (or empty), or where a
+    column's remaining squared length (a diagonal of R, squared) is ≤ ``min_sq``."""
+    r, bad = torch.linalg.cholesky_ex(gram, upper=True)
     d = r.diagonal()
-    if int(bad) or not x.shape[1] or float(d.min()) <= float(d.max()) * 1e-5:
-        return torch.linalg.qr(x)[0]
-    return torch.linalg.solve_triangular(r, x64, upper=True, left=False).to(x.dtype)
+    if int(bad) or not x64.shape[1] or float(d.min()) <= float(d.max()) * 1e-5 or float(d.min()) ** 2 <= min_sq:
+        return None
+    return torch.linalg.solve_triangular(r, x64, upper=True, left=False)
 
 
 def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -320,10 +328,9 @@ def _orthonormal_kept(x: torch.Tensor, threshold: float) -> torch.Tensor:
         return x
     x64 = x.double()
     gram = x64.T @ x64
-    r, bad = torch.linalg.cholesky_ex(gram, upper=True)
-    d = r.diagonal()
-    if not int(bad) and float(d.min()) > float(d.max()) * 1e-5 and float(d.min()) ** 2 > threshold:
-        return torch.linalg.solve_triangular(r, x64, upper=True, left=False).to(x.dtype)
+    q = _cholesky_qr(x64, gram, threshold)
+    if q is not None:
+        return q.to(x.dtype)
     lam, vecs = torch.linalg.eigh(gram)
     keep = lam > max(threshold, float(lam.max().clamp_min(0)) * 1e-14)  # float64 eigh resolves ~1e-16·λmax
     return (x64 @ (vecs[:, keep] / lam[keep].sqrt())).to(x.dtype)
