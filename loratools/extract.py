@@ -348,9 +348,9 @@ def _read_diff(
     """``(ΔW float32 on device, ‖W_base‖, ‖ΔW‖²)`` from the pair :func:`read_pairs` handed out.
 
     ΔW is computed in place in TUNED's scratch buffer when it is already float32 on the device, so a
-    pair holds two layer-sized buffers, not three (four in all with the pair being read meanwhile). Finiteness is checked through the two norms
-    (NaN/Inf in either input makes one of them non-finite), and only then located tensor by tensor
-    for the error message.
+    pair holds two layer-sized buffers, not three (four in all with the pair being read meanwhile).
+    Finiteness is checked through the two norms (NaN/Inf in either input makes one of them
+    non-finite), and only then located tensor by tensor for the error message.
     """
     wb = w_base.to(device=device, dtype=torch.float32)
     wt = raw.to(device=device, dtype=torch.float32)
@@ -551,14 +551,20 @@ def output_size(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------- spectrum
+#: most power iterations of spectrum's randomized top-K (stopped earlier by extract's --power-tol default)
+SPECTRUM_POWER_ITERS = 4
+
+
 def layer_spectrum_of_diff(
     diff: torch.Tensor, top: int, exact: bool, exact_below: int, seed: int, total: float | None = None
 ) -> tuple[torch.Tensor, bool]:
     """Singular values of ΔW (2-D): exact ``svdvals`` when small or asked, else randomized top-``top``
     (block Krylov, iterations stopped by the same convergence test as ``extract``; ``total`` = ‖ΔW‖²)."""
-    if exact or min(diff.shape) <= exact_below or top >= min(diff.shape) or not krylov_fits(*diff.shape, top, n_iter=4):
+    fits = krylov_fits(*diff.shape, top, n_iter=SPECTRUM_POWER_ITERS)
+    if exact or min(diff.shape) <= exact_below or top >= min(diff.shape) or not fits:
         return torch.linalg.svdvals(diff).cpu(), True
-    _, s, _ = randomized_svd(diff, top, seed=seed, n_iter=4, tol=ExtractOptions.power_tol, total_energy=total)
+    _, s, _ = randomized_svd(diff, top, seed=seed, n_iter=SPECTRUM_POWER_ITERS, tol=ExtractOptions.power_tol,
+                             total_energy=total)
     return s.cpu(), False
 
 
