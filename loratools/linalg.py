@@ -223,15 +223,13 @@ def randomized_svd(
     """
     m, n = matrix.shape
     rank = min(rank, m, n)
+    if info is not None:
+        info["power_iters"] = 0
     if rank <= 0:
-        if info is not None:
-            info["power_iters"] = 0
         return matrix.new_zeros(m, 0), matrix.new_zeros(0), matrix.new_zeros(0, n)
     width = min(rank + oversample, m, n)
     if not krylov_fits(m, n, rank, oversample, n_iter):  # the exact SVD is the better deal
         u, s, vh = svd(matrix)
-        if info is not None:
-            info["power_iters"] = 0
         return u[:, :rank], s[:rank], vh[:rank]
     n_iter = min(n_iter, min(m, n) // (2 * width) - 1)  # the Krylov space stays within half of min(m, n)
     a = matrix
@@ -456,17 +454,17 @@ def truncated_svd(
     m, n = a.shape
     total = frobenius_sq(a) if total_energy is None else float(total_energy)
     cap = min(m, n, rule.max_rank or min(m, n))
+    if info is not None:
+        info["power_iters"] = 0  # exact SVD; a randomized sketch sets its own
     if exact or min(m, n) <= exact_below:
         u, s, vh = svd(a)
-        if info is not None:
-            info["power_iters"] = 0
     else:
         k = min(int(rule.value) if rule.kind == "rank" else start_rank, cap)
         while True:
             if not krylov_fits(m, n, k, oversample, n_iter):  # randomized_svd would go exact: once, completely
                 u, s, vh = svd(a)
                 if info is not None:
-                    info["power_iters"] = 0
+                    info["power_iters"] = 0  # an earlier, smaller sketch may have set it
                 break
             u, s, vh = randomized_svd(a, k, oversample=oversample, n_iter=n_iter, seed=seed, tol=tol, total_energy=total,
                                      info=info)
