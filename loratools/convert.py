@@ -123,9 +123,11 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
         if rule is None:  # exact: every singular value of the dense diff (structural rank min(m, n))
             u, s, vh = svd(layer.diff.reshape(m, n))
             total = float(s.double().square().sum())
+            tail = 0.0
         else:
-            u, s, vh, total = truncated_svd(layer.diff.reshape(m, n), rule)
-        tail = max(total - float(s.double().square().sum()), 0.0)
+            info: dict = {}
+            u, s, vh, total = truncated_svd(layer.diff.reshape(m, n), rule, info=info)
+            tail = info["discarded_energy"]
     elif rule is None and isinstance(layer, (LohaLayer, TuckerLoraLayer)) and layer.rank < min(layer.matrix_shape):
         # exact without any SVD: the structure's own factors (LoHa: Khatri–Rao products), balanced per column;
         # ``rank`` is the factor count capped at min(m, n), so below the cap it is the factor count itself
@@ -138,7 +140,7 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
             u, s_all, vh = exact_svd(layer, dtype)
         energies = s_all.double().square()
         total = float(energies.sum())
-        keep = s_all.numel() if rule is None else rule.choose(s_all, total)
+        keep = s_all.numel() if rule is None else rule.choose(s_all, total, complete=True)
         tail = float(energies[keep:].sum())  # the exact discarded energy, no cancellation
         if u is None:
             u, s, vh = exact_svd(layer, dtype, keep=max(keep, 1))

@@ -302,11 +302,14 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, q: float) -> tuple[torch
     return up.clamp(-limit, limit), down.clamp(-limit, limit), clipped
 
 
-def residual_sq(diff: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block: int = 2048) -> float:
-    """‖ΔW − L Rᵀ‖_F² accumulated over row blocks in float64 (never forms the full L Rᵀ)."""
+def residual_sq(diff: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block_elems: int = 1 << 22) -> float:
+    """‖ΔW − L Rᵀ‖_F², computed in float64 over row blocks of about ``block_elems`` elements (never forms the
+    full L Rᵀ): float32 products would put a rounding floor of ~1e-7·‖ΔW‖ under an error that can be smaller."""
+    right64 = right.double()
+    rows = max(1, block_elems // max(diff.shape[1], 1))
     total = 0.0
-    for i in range(0, diff.shape[0], block):
-        total += frobenius_sq(diff[i : i + block] - left[i : i + block] @ right.T)
+    for i in range(0, diff.shape[0], rows):
+        total += frobenius_sq(diff[i : i + rows].double() - left[i : i + rows].double() @ right64.T)
     return total
 
 
@@ -360,6 +363,16 @@ def _read_diff(
         _check_finite(w_base, bstream.ckpt, key)
         _check_finite(tstream.read(key), tstream.ckpt, key)  # the scratch copy now holds ΔW
     return diff, base_sq**0.5, total
+
+
+def rounding_only(w_base: torch.Tensor, w_tuned: torch.Tensor) -> str | None:
+    """Why a pair with a lower-precision TUNED is unchanged, or None: TUNED is the base rounded to its dtype (a bf16
+    or fp16 copy of a fine-tune against an fp32 base), so its ΔW is pure rounding noise, not a change."""
+    lower = (w_tuned.dtype.is_floating_point and w_base.dtype.is_floating_point
+             and torch.finfo(w_tuned.dtype).eps > torch.finfo(w_base.dtype).eps)
+    if lower and torch.equal(w_base.to(w_tuned.dtype), w_tuned):
+        return f"unchanged (the base rounded to {str(w_tuned.dtype).replace('torch.', '')})"
+    return None
 
 
 def _check_finite(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
@@ -428,6 +441,10 @@ def extract(
     for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
         key = pair.key
         t_layer = time.perf_counter()
+        reason = rounding_only(w_base, w_tuned)
+        if reason:
+            skipped.append({"name": key, "reason": reason})
+            continue
         diff, base_norm, total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
         del w_tuned
         out_dtype = opt.dtype or tck.dtype(key)
@@ -523,13 +540,12 @@ def _extract_layer(
     k = int(s.numel())
     if k == 0:
         return {"reason": f"rank rule {rule.describe()} keeps no singular value"}, None
-    kept = frobenius_sq(s)
-    retained = min(kept / total, 1.0)
+    discarded = min(max(info["discarded_energy"], 0.0), total)
     layer = lora_from_svd(u, s, vh, pair.shape, torch.float32)  # balanced √Σ split, alpha = k (scale 1)
     layer.embedding = pair.kind == "embedding"
     row = {
         "name": pair.module, "key": pair.key, "kind": pair.kind, "shape": list(pair.shape), "rank": k,
-        "retained_energy": retained, "relative_error": math.sqrt(max(1.0 - retained, 0.0)),
+        "retained_energy": 1.0 - discarded / total, "relative_error": math.sqrt(discarded / total),
         "relative_norm": math.sqrt(total) / base_norm if base_norm > 0 else None,
         "fro_norm": math.sqrt(total), "sigma_1": float(s[0]), "sigma_k": float(s[-1]),
         "error_measured": False, "power_iters": info["power_iters"],
@@ -538,11 +554,20 @@ def _extract_layer(
         layer.up, layer.down, row["clipped"] = clamp_factors(layer.up, layer.down, opt.clamp_quantile)
     layer.up = layer.up.to(dtype=out_dtype).cpu().contiguous()
     layer.down = layer.down.to(dtype=out_dtype).cpu().contiguous()
-    if opt.clamp_quantile is not None or out_dtype not in (torch.float32, torch.float64):
+    # the Eckart–Young figure is the stored error only up to rounding: measure what was stored wherever rounding
+    # can matter (half-precision factors, clamped factors, and near full rank, where ‖ΔW‖² − Σσ² cancels)
+    if (opt.clamp_quantile is not None or out_dtype not in (torch.float32, torch.float64)
+            or row["relative_error"] < MEASURE_ERROR_BELOW):
         left, right = (f.to(mat.device) for f in layer.factors(torch.float32))
-        row["relative_error"] = math.sqrt(residual_sq(mat, left, right) / total)
+        err_sq = residual_sq(mat, left, right)
+        row["relative_error"] = math.sqrt(err_sq / total)
+        row["retained_energy"] = max(1.0 - err_sq / total, 0.0)
         row["error_measured"] = True
     return row, layer
+
+
+#: predicted relative errors below this are measured on the stored factors (the prediction's rounding is ~1e-7·‖ΔW‖²)
+MEASURE_ERROR_BELOW = 1e-2
 
 
 def output_size(path: Path) -> int:
@@ -599,6 +624,10 @@ def spectrum(
     rows, vectors = [], []
     ordered = read_pairs(pairs, bstream, tstream)
     for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
+        reason = rounding_only(w_base, w_tuned)
+        if reason:
+            skipped.append({"name": pair.key, "reason": reason})
+            continue
         diff, base_norm, total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
         del w_tuned
         del w_base

@@ -351,8 +351,6 @@ RULE_KINDS = ("rank", "energy", "ratio", "threshold", "full")
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
-
-
 @dataclass(frozen=True)
 class RankRule:
     """How many singular values to keep.
@@ -389,16 +387,23 @@ class RankRule:
         text = "exact (structural rank)" if self.kind == "full" else f"{self.kind}={self.value:g}"
         return text + (f", max rank {self.max_rank}" if self.max_rank else "")
 
-    def choose(self, s: torch.Tensor, total_energy: float | None = None) -> int:
+    def choose(self, s: torch.Tensor, total_energy: float | None = None, complete: bool | None = None) -> int:
         """Rank to keep given descending singular values ``s`` (possibly a truncated spectrum).
 
-        ``total_energy`` is ‖ΔW‖_F²; it defaults to Σ s² (correct only for a complete spectrum).
+        ``total_energy`` is ‖ΔW‖_F²; it defaults to Σ s². ``complete`` says whether ``s`` holds every singular value
+        (default: when no ``total_energy`` is given). The energy rule compares what it would *discard* — the tail
+        Σ_{i>k} σᵢ², summed from the small end, plus for a truncated spectrum the energy beyond it, ‖ΔW‖² − Σ s² —
+        with (1 − τ)·‖ΔW‖². Comparing cumulative sums from the top instead loses the tail in the rounding of the
+        large values: σ² below ~1e-7·‖ΔW‖² (bf16 rounding directions, say) were cut at τ = 1.
         """
         s = s.double().cpu()
         if s.numel() == 0 or float(s[0]) <= 0:
             return 0
         energy = s.square()
-        total = float(energy.sum()) if total_energy is None else float(total_energy)
+        captured = float(energy.sum())
+        total = captured if total_energy is None else float(total_energy)
+        if complete is None:
+            complete = total_energy is None
         # numerical rank at float32 round-off (numpy's matrix_rank tolerance for float32): adapters are fp16/fp32
         nonzero = int((s > float(s[0]) * max(s.numel(), 1) * FLOAT32_EPS).sum())
         if self.kind == "full":
@@ -406,12 +411,7 @@ class RankRule:
         elif self.kind == "rank":
             k = int(self.value)
         elif self.kind == "energy":
-            cum = torch.cumsum(energy, 0)
-            # relative slack of a few ulps; values at round-off level (below ``nonzero``) are never energy,
-            # so τ = 1 keeps exactly the non-zero spectrum even where a float32 SVD's Σσ² falls short of ‖A‖²
-            reached = (cum >= self.value * total * (1 - 1e-9)).nonzero()
-            k = int(reached[0]) + 1 if reached.numel() else s.numel()
-            k = min(k, nonzero)
+            k = min(_first_within(discarded_energy(energy, total, complete), (1 - self.value) * total), nonzero)
         elif self.kind == "ratio":
             k = int((s >= float(s[0]) / self.value).sum())
         else:
@@ -422,8 +422,24 @@ class RankRule:
 
     def satisfied_by(self, s: torch.Tensor, total_energy: float, cap: int) -> bool:
         """Whether a truncated spectrum ``s`` already decides the rule (used to grow a sketch)."""
-        k = self.choose(s, total_energy)
+        k = self.choose(s, total_energy, complete=False)
         return k < s.numel() or s.numel() >= cap
+
+
+def discarded_energy(energy: torch.Tensor, total: float, complete: bool) -> torch.Tensor:
+    """``d[k]`` = energy left out when keeping the first k of the squared singular values ``energy`` (k = 0…K).
+
+    The tail sums run from the small end (no cancellation against the large values); a truncated spectrum
+    (``complete=False``) adds what lies beyond it, ``max(total − Σ energy, 0)``.
+    """
+    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(energy.double(), (0,)), 0), (0,)), energy.new_zeros(1)])
+    return tail + (0.0 if complete else max(total - float(energy.sum()), 0.0))
+
+
+def _first_within(discarded: torch.Tensor, budget: float) -> int:
+    """Smallest k with ``discarded[k] ≤ budget`` (the last index if none)."""
+    ok = (discarded <= budget).nonzero()
+    return int(ok[0]) if ok.numel() else discarded.numel() - 1
 
 
 def truncated_svd(
@@ -448,7 +464,9 @@ def truncated_svd(
     or the cap (``max_rank``, min(m, n)) is reached. ``total_energy`` passes in an ‖A‖_F² the caller
     already computed exactly, saving a pass over the matrix. ``n_iter`` and ``tol`` are
     :func:`randomized_svd`'s (maximum) power iterations and convergence tolerance; ``info`` receives its
-    ``power_iters`` of the last sketch (0 for an exact SVD).
+    ``power_iters`` of the last sketch (0 for an exact SVD) and ``discarded_energy``, ‖A‖² minus the energy of the
+    kept triplets: the tail of an exact spectrum summed from its small end, or ‖A‖² − Σσ̃² for a sketch (its kept
+    triplets are an orthogonal projection of A, so that is their exact squared error up to rounding).
     """
     a = matrix.to(compute_dtype(matrix.dtype))
     m, n = a.shape
@@ -456,13 +474,15 @@ def truncated_svd(
     cap = min(m, n, rule.max_rank or min(m, n))
     if info is not None:
         info["power_iters"] = 0  # exact SVD; a randomized sketch sets its own
-    if exact or min(m, n) <= exact_below:
+    complete = exact or min(m, n) <= exact_below
+    if complete:
         u, s, vh = svd(a)
     else:
         k = min(int(rule.value) if rule.kind == "rank" else start_rank, cap)
         while True:
             if not krylov_fits(m, n, k, oversample, n_iter):  # randomized_svd would go exact: once, completely
                 u, s, vh = svd(a)
+                complete = True
                 if info is not None:
                     info["power_iters"] = 0  # an earlier, smaller sketch may have set it
                 break
@@ -471,7 +491,9 @@ def truncated_svd(
             if rule.kind == "rank" or k >= cap or rule.satisfied_by(s, total, cap):
                 break
             k = min(2 * k, cap)
-    keep = rule.choose(s, total)
+    keep = rule.choose(s, total, complete=complete)
+    if info is not None:
+        info["discarded_energy"] = float(discarded_energy(s.square(), total, complete)[keep])
     return u[:, :keep], s[:keep], vh[:keep], total
 
 

@@ -173,7 +173,7 @@ def resize_adapter(
         energy = s.double().square()
         total = float(energy.sum())
         norm = math.sqrt(total)
-        k = layer.rank if r is None else r.choose(s, total)
+        k = layer.rank if r is None else r.choose(s, total, complete=True)
         if r is not None and k == 0:
             report.layers.append(LayerResize(**base, new_rank=0, fro_norm=norm, retained_energy=0.0,
                                              relative_error=1.0 if total > 0 else 0.0, action="pruned",

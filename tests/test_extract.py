@@ -549,3 +549,56 @@ def test_cuda_matches_cpu(big_pair):
         assert rc["rank"] == rg["rank"]
         assert rg["relative_error"] == pytest.approx(rc["relative_error"], rel=1e-4)
     assert all(la.down.device.type == "cpu" for la in gpu.adapter.layers.values())
+
+
+# ------------------------------------------------------------------------- --energy 1 near full rank, rounding noise
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_energy_1_keeps_every_direction_and_reports_the_stored_error(llama_pair, tmp_path, dtype):
+    """τ = 1 keeps every non-zero singular value of ΔW, even those below float32 rounding of ‖ΔW‖² (the bf16/fp16
+    rounding directions), and the reported error is the error of the stored factors, measured in float64."""
+    root = llama_pair["root"]
+    tuned = root / f"tuned_{str(dtype).split('.')[1]}_e1"
+    if not tuned.exists():
+        copy.deepcopy(llama_pair["tuned"]).to(dtype).save_pretrained(tuned)
+    res = extract(root / "base", tuned, ExtractOptions(rule=RankRule("energy", 1.0), dtype=torch.float32))
+    base_sd, tuned_sd = llama_pair["base"].state_dict(), load_file(str(tuned / "model.safetensors"))
+    for row in res.layers:
+        diff = (tuned_sd[row["key"]].double() - base_sd[row["key"]].double()).reshape(row["shape"][0], -1)
+        s = torch.linalg.svdvals(diff)
+        nonzero = int((s > s[0] * min(diff.shape) * torch.finfo(torch.float32).eps).sum())
+        assert row["rank"] == nonzero, row["name"]
+        stored = res.adapter.layers[row["name"]].delta(torch.float64).reshape(diff.shape)
+        measured = float((diff - stored).norm() / diff.norm())
+        # equal up to the float32 rounding of ΔW itself (the subtraction W_tuned − W_base is done in float32)
+        assert row["error_measured"] and row["relative_error"] == pytest.approx(measured, rel=1e-3, abs=3e-8)
+        assert row["retained_energy"] == pytest.approx(1 - measured**2, abs=1e-12)
+    assert all(r["relative_error"] < 1e-5 for r in res.layers)
+
+
+def test_energy_rule_keeps_tail_below_float32_rounding_of_the_total():
+    """A float32 SVD overshoots ‖ΔW‖² by ~1e-7 relative; the tail of six σ² ≈ 1e-7 must still count as energy."""
+    s = torch.tensor([1.0] + [3e-4] * 6, dtype=torch.float32)
+    total = float(s.double().square().sum()) - 1e-7
+    assert RankRule("energy", 1.0).choose(s, total, complete=True) == 7
+    assert RankRule("energy", 1.0).choose(s) == 7
+    # the budget (1 − τ)·‖ΔW‖² is compared with the discarded tail: τ just short of 1 drops the tail values it can
+    budget_for_two = float(s[-2:].double().square().sum()) / total
+    assert RankRule("energy", 1 - budget_for_two * 1.01).choose(s, total, complete=True) == 5
+    # a truncated spectrum counts what lies beyond it as discarded
+    assert RankRule("energy", 1.0).choose(s[:4], total, complete=False) == 4
+    assert not RankRule("energy", 1.0).satisfied_by(s[:4], total, cap=7)
+
+
+def test_base_rounded_to_tuned_dtype_is_unchanged(tmp_path):
+    """A bf16 fine-tune against an fp32 base: layers it never touched are the base rounded to bf16, not a change."""
+    base = tiny_llama(3)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.add_(0.05 * torch.randn(32, 32))
+    base.save_pretrained(tmp_path / "base")
+    tuned.to(torch.bfloat16).save_pretrained(tmp_path / "tuned")
+    res = extract(tmp_path / "base", tmp_path / "tuned", ExtractOptions(rule=RankRule("rank", 4)))
+    assert [r["name"] for r in res.layers] == ["model.layers.0.self_attn.q_proj"]
+    reasons = {s["name"]: s["reason"] for s in res.skipped}
+    assert reasons["model.layers.1.mlp.down_proj.weight"] == "unchanged (the base rounded to bfloat16)"
+    assert reasons["model.norm.weight"] == "unchanged (the base rounded to bfloat16)"
