@@ -32,16 +32,15 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def is_safetensors(path: Path) -> bool:
-    """True for a ``.safetensors`` name, or for any other non-pickle name whose bytes start like one.
+    """True for a ``.safetensors`` name, or for any other name whose bytes start like one.
 
     safetensors files begin with an 8-byte little-endian header length followed by a JSON object, so
-    an output written without the extension (``-o merged``) is still recognised and never handed to
-    ``torch.load``.
+    an output written without the extension (``-o merged``), or a safetensors file renamed ``.bin``, is
+    still recognised and never handed to ``torch.load``. Pickles cannot match: a zip-based torch file
+    starts with ``PK\\x03\\x04`` (ninth byte: a compression method, never ``{``), a legacy one with ``\\x80``.
     """
     if path.suffix == ".safetensors":
         return True
-    if path.suffix in PICKLE_SUFFIXES:
-        return False
     try:
         with open(path, "rb") as fh:
             head = fh.read(9)
@@ -82,6 +81,28 @@ def safe_load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, checked: {tensor name → shard file name in the same folder}."""
+    try:
+        doc = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoraToolsError(f"{index}: not a valid shard index (not JSON: {_one_line(exc)})") from None
+    if not isinstance(doc, dict) or "weight_map" not in doc:
+        raise LoraToolsError(f"{index}: not a valid shard index (no 'weight_map' object)")
+    weight_map = doc["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise LoraToolsError(f"{index}: 'weight_map' must be an object of tensor name → shard file, "
+                             f"got {type(weight_map).__name__}")
+    if not weight_map:
+        raise LoraToolsError(f"{index}: 'weight_map' is empty")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise LoraToolsError(
+                f"{index}: 'weight_map' entry {key!r} must name a shard file in the same folder, got {json.dumps(shard)[:80]}"
+            )
+    return weight_map
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
@@ -116,10 +137,7 @@ class Checkpoint:
             ) if (p / n).is_file()), None)
             if index is not None:
                 self.index_file = index
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise LoraToolsError(f"{index}: not a valid shard index ({_one_line(exc)})") from None
+                weight_map = _read_index(index)
                 missing = sorted({f for f in weight_map.values() if not (p / f).is_file()})
                 if missing:
                     raise LoraToolsError(f"{index}: shard(s) missing: {', '.join(missing)}")

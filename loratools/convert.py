@@ -115,8 +115,12 @@ def stored_error(layer: Layer, new: LoraLayer, dtype: torch.dtype) -> float:
     return math.sqrt(factored_norm2(torch.cat([l1, -l0], 1), torch.cat([r1, r0], 1)) / total) if total > 0 else 0.0
 
 
-def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, float]:
-    """Exact SVD from the structure → (LoRA layer, retained energy fraction, relative error)."""
+def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer | None, float, float]:
+    """Exact SVD from the structure → (LoRA layer, retained energy fraction, relative error).
+
+    The layer is None when nothing is kept (a zero delta, or a rule that keeps no singular value): rank 0,
+    which no format can hold; the caller drops the layer and says so.
+    """
     dtype = compute_dtype(layer.dtype)
     if isinstance(layer, FullLayer):
         m, n = layer.matrix_shape
@@ -131,7 +135,10 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
     elif rule is None and isinstance(layer, (LohaLayer, TuckerLoraLayer)) and layer.rank < min(layer.matrix_shape):
         # exact without any SVD: the structure's own factors (LoHa: Khatri–Rao products), balanced per column;
         # ``rank`` is the factor count capped at min(m, n), so below the cap it is the factor count itself
-        return lora_from_factors(*layer.factors(dtype), layer.shape, layer.dtype), 1.0, 0.0
+        left, right = layer.factors(dtype)
+        if not bool(((left.norm(dim=0) > 0) & (right.norm(dim=0) > 0)).any()):
+            return None, 0.0, 0.0
+        return lora_from_factors(left, right, layer.shape, layer.dtype), 1.0, 0.0
     else:
         if isinstance(layer, LokrLayer):  # spectrum first (products), then only the kept Kronecker vectors
             s_all = spectrum(layer, dtype)
@@ -146,7 +153,7 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer, float, flo
             u, s, vh = exact_svd(layer, dtype, keep=max(keep, 1))
         u, s, vh = u[:, :keep], s_all[:keep], vh[:keep]
     if s.numel() == 0 or float(s.max()) <= 0:
-        raise LoraToolsError(f"layer {tuple(layer.shape)} has a zero delta; nothing to keep at rank 0")
+        return None, 1.0 - tail / total if total > 0 else 0.0, math.sqrt(tail / total) if total > 0 else 0.0
     energy = 1.0 - tail / total if total > 0 else 1.0
     err = math.sqrt(tail / total) if total > 0 else 0.0
     out = lora_from_svd(u, s, vh, layer.shape, layer.dtype)
@@ -215,6 +222,7 @@ def convert_adapter(
     layers: dict[str, Layer] = {}
     rows: list[dict] = []
     inexact: list[str] = []
+    dropped: list[str] = []
     mags = [la.magnitude is not None for la in adapter.layers.values()]
     identity_dora = to_format == "peft" and not fold_dora and any(mags) and not all(mags)
     for name, layer in (progress(items, len(items)) if progress else items):
@@ -234,7 +242,13 @@ def convert_adapter(
             else:
                 if getattr(layer, "embedding", False):
                     raise LoraToolsError(f"{name}: rank rules on embedding LoRA layers are not supported")
-                new, energy, err = _to_lora(layer, rule)
+                lora, energy, err = _to_lora(layer, rule)
+                if lora is None:  # rank 0: nothing to write
+                    dropped.append(name)
+                    rows.append(asdict(LayerConversion(name, src_type, list(layer.shape), layer.rank, 0, energy, err,
+                                                       None, "dropped")))
+                    continue
+                new = lora
                 action = "exact" if rule is None else "truncated"
                 math_err = err
                 if (dtype or new.dtype) in HALF:  # report what is stored: fp16/bf16 rounding included
@@ -256,6 +270,11 @@ def convert_adapter(
                 new.meta[key] = layer.meta[key]
         layers[name] = new
         rows.append(asdict(row))
+    if dropped and not layers:
+        raise LoraToolsError(
+            f"every layer has rank 0 after {'the rule ' + rule.describe() if rule else 'conversion'} "
+            f"(a zero delta, e.g. {dropped[0]}); nothing to write"
+        )
     out = replace(adapter, layers=layers, metadata=_metadata(adapter, layers), config=_config(adapter),
                   extra_tensors=dict(adapter.extra_tensors), warnings=list(adapter.warnings))
     flat = [n for n, la in adapter.layers.items()
@@ -264,6 +283,11 @@ def convert_adapter(
         out.warnings.append(
             f"{len(flat)} LoHa/LoKr layer(s) (e.g. {flat[0]}) have 2-D factors and no --base: a conv stored "
             "flattened as [r, in·kh·kw] is written as a linear LoRA; pass --base to get its kernel shape"
+        )
+    if dropped:
+        out.warnings.append(
+            f"{len(dropped)} layer(s) have rank 0 after {'the rule ' + rule.describe() if rule else 'conversion'} "
+            f"(e.g. {dropped[0]}: nothing of its delta is kept); dropped"
         )
     if inexact:
         out.warnings.append(

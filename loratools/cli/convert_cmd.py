@@ -31,7 +31,7 @@ from loratools.cli.common import (
 )
 from loratools.convert import check_convertible, convert_adapter
 from loratools.errors import LoraToolsError
-from loratools.formats import FORMATS, load_adapter, save_adapter
+from loratools.formats import FORMATS, check_output_name, load_adapter, save_adapter
 from loratools.formats.common import COMPONENTS, check_output
 
 
@@ -63,6 +63,7 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     optimal truncation of its exact spectrum (computed from the factors, never from the dense ΔW).
     """
     out_path = check_output(out, force, [adapter, base])
+    check_output_name(to_format, out_path)
     if fold_dora and base is None:
         raise LoraToolsError("--fold-dora needs --base CKPT (the DoRA norm is taken over W + ΔW)")
     rule = make_rule(rank, energy, ratio, threshold, max_rank)

@@ -76,10 +76,11 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     energy Σσᵢ²/‖ΔW‖² and relative Frobenius error (the Eckart–Young optimum for that rank).
     """
     from loratools.extract import ExtractOptions, extract, output_size
-    from loratools.formats import save_adapter
+    from loratools.formats import check_output_name, save_adapter
     from loratools.formats.common import check_output
 
     out_path = check_output(out, force, [base, tuned])
+    check_output_name(out_format, out_path)
     rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
     if conv_rank is not None and conv_rank < 1:
         raise LoraToolsError(f"--conv-rank must be ≥ 1, got {conv_rank}")

@@ -23,7 +23,7 @@ from loratools.cli.common import (
 )
 from loratools.device import resolve_device
 from loratools.errors import LoraToolsError
-from loratools.formats import FORMATS, load_adapter, save_adapter
+from loratools.formats import FORMATS, check_output_name, load_adapter, save_adapter
 from loratools.formats.common import check_output
 from loratools.merge import METHODS, merge_adapters, parse_weighted_spec
 
@@ -76,7 +76,10 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     dt = parse_dtype(dtype)
     dev = str(resolve_device(device))
     ckpt = Checkpoint(base) if base else None
+    if out_format:
+        check_output_name(out_format, out_path)
     inputs = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite), w) for p, w in parsed]
+    check_output_name(out_format or inputs[0][0].format, out_path)
     merged, report = merge_adapters(
         inputs, method=method, rank=rank, density=density, majority_sign=majority_sign, seed=seed, device=dev,
         exact_svd=exact_svd, labels=[p for p, _ in parsed],

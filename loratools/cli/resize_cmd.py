@@ -24,7 +24,7 @@ from loratools.cli.common import (
     rank_rule_options,
 )
 from loratools.errors import LoraToolsError
-from loratools.formats import FORMATS, load_adapter, save_adapter
+from loratools.formats import FORMATS, check_output_name, load_adapter, save_adapter
 from loratools.formats.common import check_output
 from loratools.linalg import RankRule
 from loratools.resize import Prune, adapter_bytes, resize_adapter
@@ -74,13 +74,16 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
         raise LoraToolsError("nothing to do: give a rank rule (--rank/--energy/--ratio/--threshold/--max-rank), "
                              "--conv-rank, --prune-below or --include/--exclude")
     dt = parse_dtype(dtype)
+    if to_format:
+        check_output_name(to_format, out_path)
     ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite)
+    check_output_name(to_format or ad.format, out_path)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
                                  progress=lambda it, n: progress(it, n, "resize", quiet or as_json))
     fmt_out = to_format or ad.format
     save_adapter(new, out_path, fmt_out, force=force, dtype=dt)
     totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))
-    warnings = list(ad.warnings) + report.warnings
+    warnings = list(new.warnings) + report.warnings  # the input's, then the writer's (new.warnings), then resize's
     if as_json:
         emit_json(clean_floats({"input": str(adapter), "output": str(out_path), "format": fmt_out,
                                 **report.as_dict(), "totals": totals, "warnings": warnings}))

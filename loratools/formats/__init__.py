@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter
+from loratools.adapter import Adapter, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.formats import diffusers, kohya, lycoris, peft
@@ -17,9 +17,40 @@ from loratools.formats.common import (
     mangle,
     read_tensors,
     split_component,
+    take_extra_tensors,
 )
 
 FORMATS = ("peft", "kohya", "diffusers")
+#: formats written as one safetensors file (the others are folders)
+SINGLE_FILE_FORMATS = ("kohya", "diffusers", "lycoris")
+
+
+def check_output_name(format: str, out: str | Path) -> None:
+    """Refuse, before any work, an output name the format's file cannot carry.
+
+    kohya / diffusers outputs are single safetensors files: a name ending in another suffix (``.bin``, ``.pt``,
+    ``.ckpt``…) makes loaders take it for a pickle (ComfyUI, sd-webui and diffusers pick the reader by suffix).
+    A name without any suffix is accepted (loratools recognises the file by its content).
+    """
+    if format not in SINGLE_FILE_FORMATS:
+        return
+    suffix = Path(out).suffix
+    if suffix and suffix.lower() != ".safetensors":
+        raise LoraToolsError(
+            f"{out}: a {format} adapter is a .safetensors file, but the output name ends in {suffix!r}; "
+            "name it *.safetensors"
+        )
+
+
+def drop_empty_layers(adapter: Adapter, why: str = "") -> None:
+    """Drop rank-0 layers (they hold no delta and no reader accepts them) with one warning; none left is an error."""
+    empty = [n for n, la in adapter.layers.items() if isinstance(la, LoraLayer) and la.rank == 0]
+    if not empty:
+        return
+    if len(empty) == len(adapter.layers):
+        raise LoraToolsError(f"every layer has rank 0{why} (e.g. {empty[0]}); nothing to write")
+    adapter.layers = {n: la for n, la in adapter.layers.items() if la.rank > 0}
+    adapter.warnings.append(f"{len(empty)} layer(s) have rank 0{why} (e.g. {empty[0]}); dropped")
 
 
 def _classify(key: str) -> str:
@@ -48,7 +79,9 @@ def detect_format(path: Path, keys: list[str] | None = None) -> str:
     if peft.detect(path):
         return "peft"
     if keys is None:
-        keys = list(read_tensors(_adapter_file(path))[0])
+        tensors, metadata = read_tensors(_adapter_file(path))
+        take_extra_tensors(tensors, metadata, path)
+        keys = list(tensors)
     kinds = Counter(_classify(k) for k in keys)
     if not keys:
         raise LoraToolsError(f"{path}: file holds no tensors")
@@ -82,8 +115,10 @@ def load_adapter(
     else:
         f = _adapter_file(path)
         tensors, metadata = read_tensors(f)
+        extra = take_extra_tensors(tensors, metadata, f)
         reader = kohya if format == "kohya" else diffusers
         adapter = reader.read_tensors_map(tensors, metadata, str(f))
+        adapter.extra_tensors = extra
     adapter.check_finite(allow_nonfinite)
     if base is not None:
         ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
@@ -152,6 +187,8 @@ def save_adapter(
     (default: :func:`~loratools.formats.common.adapter_component`'s guess, else unet); with ``force_component``
     it is every layer's component (the user's ``--component``; refused for a multi-component adapter)."""
     out = Path(out)
+    check_output_name(format, out)
+    drop_empty_layers(adapter)
     if force_component and component:
         check_single_component(adapter, component)
     component = component or adapter_component(adapter.layers)

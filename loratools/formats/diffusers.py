@@ -18,10 +18,12 @@ from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     COMPONENTS,
     atomic_path,
+    embed_extra_tensors,
     embed_peft_config,
     embedding_metadata,
     layer_component,
     lora_from_parts,
+    note_zero_alphas,
     save_safetensors,
     split_component,
     take_embedding_marks,
@@ -58,6 +60,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         layer.meta["component"] = split_component(mod)[0]
         adapter.layers[mod] = layer
     take_embedding_marks(adapter)
+    note_zero_alphas(adapter)
     components = {layer.meta["component"] for layer in adapter.layers.values()}
     if len(components) == 1 and None not in components:
         # one model only: name layers by their module path in that model; the writer re-adds the prefix
@@ -89,5 +92,7 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             alpha = layer.alpha if plain else layer.scale * layer.rank
             kept = layer.meta.get("alpha_dtype") if plain and dtype is None else None
             tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=kept or torch.float32)
+    extra_meta = embed_extra_tensors(adapter, tensors, "diffusers")
     with atomic_path(out, force, is_dir=False) as tmp:
-        save_safetensors(tensors, tmp, {**embed_peft_config(adapter, adapter.metadata), **embedding_metadata(embeddings)})
+        save_safetensors(tensors, tmp, {**embed_peft_config(adapter, adapter.metadata), **embedding_metadata(embeddings),
+                                        **extra_meta})

@@ -22,11 +22,13 @@ from loratools.formats.common import (
     COMPONENT_PREFIX,
     KOHYA_PREFIXES,
     atomic_path,
+    embed_extra_tensors,
     embed_peft_config,
     embedding_metadata,
     layer_component,
     lora_from_parts,
     mangle,
+    note_zero_alphas,
     save_safetensors,
     split_component,
     take_embedding_marks,
@@ -79,6 +81,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     if not adapter.layers:
         raise LoraToolsError(f"{source}: no LoRA tensors found")
     take_embedding_marks(adapter)
+    note_zero_alphas(adapter)
     _check_metadata(adapter)
     return adapter
 
@@ -87,7 +90,7 @@ def _check_metadata(adapter: Adapter) -> None:
     """Warn where ss_network_alpha / ss_network_dim disagree with the tensors (a silent 16× trap)."""
     meta = adapter.metadata
     linear = [la for la in adapter.layers.values() if not la.is_conv]
-    alphas = Counter(la.alpha for la in linear)
+    alphas = Counter(0.0 if la.meta.get("alpha_zero") else la.alpha for la in linear)
     ranks = Counter(la.rank for la in linear)
     if "ss_network_alpha" in meta and alphas:
         try:
@@ -157,8 +160,9 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
             kept = layer.meta.get("alpha_dtype") if not layer.rslora and dtype is None else None
             adtype = kept or torch.float32
             tensors[stem + ".alpha"] = torch.tensor(alpha, dtype=adtype)
+    extra_meta = embed_extra_tensors(adapter, tensors, "kohya")
     with atomic_path(out, force, is_dir=False) as tmp:
-        save_safetensors(tensors, tmp, {**build_metadata(adapter), **embedding_metadata(embeddings)})
+        save_safetensors(tensors, tmp, {**build_metadata(adapter), **embedding_metadata(embeddings), **extra_meta})
 
 
 def build_metadata(adapter: Adapter) -> dict[str, str]:

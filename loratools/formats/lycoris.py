@@ -29,7 +29,13 @@ import torch
 
 from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.formats.common import take_embedding_marks, take_peft_config
+from loratools.formats.common import (
+    check_factor,
+    note_zero_alphas,
+    stored_alpha,
+    take_embedding_marks,
+    take_peft_config,
+)
 from loratools.layers import LohaLayer, LokrLayer, TuckerLoraLayer
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -204,12 +210,10 @@ def attach_dora_scale(layer: Layer, d: torch.Tensor, where: str) -> None:
 
 def build_layer(p: dict[str, torch.Tensor], where: str, peft: tuple[float, int] | None = None) -> Layer:
     """One canonical layer from the tensors of one stem (``peft=(alpha, r)`` for PEFT LoHa/LoKr scaling)."""
-    alpha = None
-    if "alpha" in p:
-        a = p["alpha"]
-        if a.numel() != 1:
-            raise LoraToolsError(f"{where}: alpha must be a scalar, got shape {tuple(a.shape)}")
-        alpha = float(a.reshape(()).float())
+    alpha = stored_alpha(p["alpha"], where) if "alpha" in p else None
+    for key, t in p.items():
+        if key not in COMMON_KEYS or key == "dora_scale":
+            check_factor(t, where, key)
     kinds = {k for k, keys in (("loha", LOHA_KEYS), ("lokr", LOKR_KEYS), ("lora", LORA_KEYS), ("full", FULL_KEYS))
              if any(x in p for x in keys)}
     if len(kinds) != 1:
@@ -226,6 +230,8 @@ def build_layer(p: dict[str, torch.Tensor], where: str, peft: tuple[float, int] 
         layer = _full(p, where)
     if "alpha" in p:
         layer.meta["alpha_dtype"] = p["alpha"].dtype
+        if alpha is None and peft is None:
+            layer.meta["alpha_zero"] = True
     if "dora_scale" in p:
         attach_dora_scale(layer, p["dora_scale"], where)
     return layer
@@ -249,6 +255,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     if not adapter.layers:
         raise LoraToolsError(f"{source}: no LoRA/LyCORIS tensors found")
     take_embedding_marks(adapter)
+    note_zero_alphas(adapter)
     return adapter
 
 

@@ -23,6 +23,7 @@ from loratools.formats.common import (
     GENERATED_KEY,
     PEFT_CONFIG_KEY,
     atomic_path,
+    check_factor,
     json_dumps,
     read_tensors,
     save_safetensors,
@@ -62,6 +63,58 @@ def _targets(config: dict, module: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in tm)
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_rank(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _flag(v: object) -> bool:
+    return v is None or isinstance(v, bool)
+
+
+def _str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+#: adapter_config.json fields loratools reads: (check, what the field must be)
+_FIELDS = {
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "r": (_is_rank, "a positive integer"),
+    "lora_alpha": (_is_number, "a number"),
+    "alpha": (_is_number, "a number"),
+    "use_rslora": (_flag, "true or false"),
+    "use_dora": (_flag, "true or false"),
+    "fan_in_fan_out": (_flag, "true or false"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of module names or a regex string"),
+    "modules_to_save": (lambda v: v is None or _str_list(v), "a list of module names or null"),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_rank(x) for x in v.values())),
+                     "an object mapping patterns to positive integer ranks"),
+    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+                      "an object mapping patterns to numbers"),
+}
+
+
+def check_config(config: dict, cfg_path: Path | str) -> None:
+    """One line naming the file and the field for a badly typed adapter_config.json field that loratools reads."""
+    for key, (ok, what) in _FIELDS.items():
+        if key in config and not ok(config[key]):
+            raise LoraToolsError(f"{cfg_path}: field {key!r} must be {what}, got {json.dumps(config[key])[:80]}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(key) or {}:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise LoraToolsError(f"{cfg_path}: field {key!r}: pattern {pattern!r} is not a valid regex ({exc})") from None
+    if isinstance(config.get("target_modules"), str):
+        try:
+            re.compile(config["target_modules"])
+        except re.error as exc:
+            raise LoraToolsError(f"{cfg_path}: field 'target_modules' is not a valid regex ({exc})") from None
+
+
 def read(path: Path) -> Adapter:
     cfg_path = path / "adapter_config.json"
     try:
@@ -70,6 +123,7 @@ def read(path: Path) -> Adapter:
         raise LoraToolsError(f"{cfg_path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(config, dict):
         raise LoraToolsError(f"{cfg_path}: expected a JSON object")
+    check_config(config, cfg_path)
     ptype = str(config.get("peft_type", "LORA")).upper()
     if ptype not in ("LORA", "LOHA", "LOKR"):
         raise LoraToolsError(f"{cfg_path}: peft_type {ptype} is not supported (expected LORA, LOHA or LOKR)")
@@ -110,6 +164,10 @@ def read(path: Path) -> Adapter:
                 "lora_embedding_" + b_key[-1] if emb else (a_key if a_key not in p else b_key))
             raise LoraToolsError(f"{wfile}: module {mod} has no {missing} tensor")
         a, b = p[a_key], p[b_key]
+        for slot, t in ((a_key, a), (b_key, b), ("mag", p.get("mag"))):
+            if t is not None:
+                disk = {"emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B", "mag": "lora_magnitude_vector"}
+                check_factor(t, f"{wfile}: module {mod}", disk.get(slot, slot + ".weight"))
         if emb:  # lora_embedding_A [r, vocab], lora_embedding_B [dim, r]; ΔW[vocab, dim] = Aᵀ Bᵀ
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 raise LoraToolsError(
@@ -219,6 +277,10 @@ def build_config(adapter: Adapter) -> tuple[dict, bool]:
     )
     if not (source and all(_targets(source, n) for n in layers)):
         config["target_modules"] = sorted(layers)
+    if adapter.extra_tensors and not source and not config.get("modules_to_save"):
+        # full tensors from a non-PEFT source (kohya / diffusers file, extract --save-full): PEFT restores them
+        # into the modules named here
+        config["modules_to_save"] = sorted({k[len(PREFIX):].rpartition(".")[0] for k in adapter.extra_tensors})
     return config, True
 
 
