@@ -81,16 +81,19 @@ def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.
     names a replaceable folder output may hold (``bake`` copies the base folder's files).
     """
     p = Path(out)
-    target = p.resolve()
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise LoraToolsError(f"{p}: output is the current folder or holds it; choose another -o")
-    _check_inputs(p, target, [i for i in inputs if i is not None])
-    _check_parent(p)
-    if _lexists(p):
-        if not force:
-            raise LoraToolsError(f"{p}: output already exists (use --force to replace it)")
-        _check_replaceable(p, is_dir, known_names)
+    try:
+        target = p.resolve()
+        cwd = Path.cwd().resolve()
+        if target == cwd or target in cwd.parents:
+            raise LoraToolsError(f"{p}: output is the current folder or holds it; choose another -o")
+        _check_inputs(p, target, [i for i in inputs if i is not None])
+        _check_parent(p)
+        if _lexists(p):
+            if not force:
+                raise LoraToolsError(f"{p}: output already exists (use --force to replace it)")
+            _check_replaceable(p, is_dir, known_names)
+    except OSError as exc:  # an unreadable folder on the way, a link loop
+        raise LoraToolsError(f"{exc.filename or p}: {exc.strerror or exc}") from None
     return p
 
 

@@ -193,6 +193,18 @@ def test_force_replaces_what_loratools_writes(cli, ws):
     assert strays(ws) == []
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["renameat2", "fallback"])
+def test_force_replaces_a_folder_without_strays(cli, ws, monkeypatch, native):
+    if not native:
+        monkeypatch.setattr(output, "_RENAMEAT2", None)
+    shutil.copytree(SAMPLES / "peft_dora", ws / "adapter")
+    cli.ok("convert", ws / "in/peft_lora", "--to", "peft", "-o", ws / "adapter", "--force")
+    assert sorted(os.listdir(ws / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    weights = (ws / "adapter/adapter_model.safetensors").read_bytes()
+    assert weights != (SAMPLES / "peft_dora/adapter_model.safetensors").read_bytes()
+    assert strays(ws) == []
+
+
 @pytest.mark.parametrize("out", [".", "..", "sub/.."])
 def test_current_folder_is_never_an_output(cli, ws, monkeypatch, out):
     work = ws / "work"
