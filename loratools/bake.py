@@ -33,6 +33,8 @@ from loratools.formats import load_adapter
 from loratools.formats.common import atomic_path, check_output, save_safetensors, split_component
 
 Progress = Callable[[Iterable, int], Iterable]
+#: weight files of any framework: bake writes only the ones it read and baked
+OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx")
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
@@ -104,7 +106,9 @@ def bake(
     allow_nonfinite: bool = False,
 ) -> dict:
     """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
-    out = check_output(out, force, [base, *(p for p, _ in adapters)])
+    base_path = Path(base)
+    known = sorted(e.name for e in base_path.iterdir() if e.is_file()) if base_path.is_dir() else []
+    out = check_output(out, force, [base, *(p for p, _ in adapters)], is_dir=base_path.is_dir(), known_names=known)
     ckpt = Checkpoint(base)
     loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite), float(w)) for p, w in adapters]
     labels = [str(p) for p, _ in adapters]
@@ -113,7 +117,8 @@ def bake(
     modified = 0
     total_size = 0
     weight_map: dict[str, str] = {}
-    with atomic_path(out, force, is_dir=is_dir) as tmp:
+    left_out: list[str] = []
+    with atomic_path(out, force, is_dir=is_dir, known_names=known) as tmp:
         files = list(ckpt.files)
         for f in (progress(files, len(files)) if progress else files):
             state, meta, keys = _read_file(f)
@@ -132,26 +137,42 @@ def bake(
             if is_safetensors(f):
                 save_safetensors(tensors, dest, meta)
             else:
-                torch.save(tensors, dest)
+                try:
+                    torch.save(tensors, dest)
+                except RuntimeError as exc:  # torch reports a failed write (disk full) as a RuntimeError
+                    raise LoraToolsError(f"{out}: cannot write: {str(exc).splitlines()[0]}; nothing was written") from None
             del tensors, state, handle
         if is_dir:
-            _copy_folder_files(ckpt, tmp, weight_map, total_size, dtype)
+            left_out = _copy_folder_files(ckpt, tmp, weight_map, total_size, dtype)
+    warnings = [w for ad, _ in loaded for w in ad.warnings]
+    if left_out:
+        warnings.append(f"left out {len(left_out)} weight file(s) of the base that bake does not read: "
+                        f"{', '.join(left_out)}")
     return {
         "base": str(base), "output": str(out), "files": len(ckpt.files), "tensors": len(weight_map),
         "modified": modified, "layers": sum(len(v) for v in plan.values()),
         "adapters": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}
                      for p, (ad, w) in zip(labels, loaded)],
         "dtype": DTYPE_NAMES.get(dtype, str(dtype)) if dtype is not None else "kept",
-        "warnings": [w for ad, _ in loaded for w in ad.warnings],
+        "warnings": warnings,
     }
 
 
 def _copy_folder_files(ckpt: Checkpoint, tmp: Path, weight_map: dict[str, str], total_size: int,
-                       dtype: torch.dtype | None) -> None:
-    """Copy non-weight top-level files; rewrite the shard index and (with --dtype) config.json's dtype."""
+                       dtype: torch.dtype | None) -> list[str]:
+    """Copy non-weight top-level files; rewrite the shard index and (with --dtype) config.json's dtype.
+
+    Weight files bake did not read (a ``pytorch_model.bin`` next to the ``model.safetensors`` it baked,
+    other frameworks' weights, their indexes) are not copied: they would hold the un-baked weights.
+    Returns their names.
+    """
     weights = {f.name for f in ckpt.files}
+    left_out = []
     for src in sorted(ckpt.path.iterdir()):
         if not src.is_file() or src.name in weights:
+            continue
+        if src != ckpt.index_file and (src.name.endswith(OTHER_WEIGHTS) or src.name.endswith(".index.json")):
+            left_out.append(src.name)
             continue
         if ckpt.index_file is not None and src == ckpt.index_file:
             index = json.loads(src.read_text())
@@ -166,3 +187,4 @@ def _copy_folder_files(ckpt: Checkpoint, tmp: Path, weight_map: dict[str, str], 
             (tmp / src.name).write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copy2(src, tmp / src.name)
+    return left_out

@@ -147,8 +147,14 @@ def test_existing_output_needs_force_and_inputs_untouched(cli, tmp_path):
     (out / "keep.txt").write_text("mine")
     cli.fails("convert", src, "--to", "peft", "-o", out, "--base", SAMPLES / "base", match="already exists")
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only a folder of the kind loratools writes: not this one
+    cli.fails("convert", src, "--to", "peft", "-o", out, "--base", SAMPLES / "base", "--force",
+              match="no adapter or model weights")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    shutil.copytree(SAMPLES / "peft_lora", out, dirs_exist_ok=True)
     cli.ok("convert", src, "--to", "peft", "-o", out, "--base", SAMPLES / "base", "--force")
-    assert (out / "adapter_config.json").exists() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert src.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -208,7 +214,7 @@ def test_output_that_is_an_input_is_refused_even_with_force(cli, tmp_path):
     shutil.copytree(SAMPLES / "peft_lora", tmp_path / "a")
     before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     cli.fails("resize", tmp_path / "a", "-o", tmp_path / "a", "--rank", "2", "--force", match="output is the input")
-    cli.fails("convert", tmp_path / "a", "--to", "peft", "-o", tmp_path, "--force", match="output is the input")
+    cli.fails("convert", tmp_path / "a", "--to", "peft", "-o", tmp_path, "--force", match="output holds the input")
     cli.fails("merge", tmp_path / "a", SAMPLES / "peft_lora", "-o", tmp_path / "a", "--force", match="output is the input")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
 

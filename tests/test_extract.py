@@ -505,7 +505,10 @@ def test_existing_output_refused_before_work(llama_pair, cli, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     cli.fails("extract", "--base", root / "base", "--tuned", root / "tuned", "-o", out, match="already exists")
-    assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only a folder of the kind loratools writes (an adapter/checkpoint folder)
+    cli.fails("extract", "--base", root / "base", "--tuned", root / "tuned", "-o", out, "--force", match="no adapter")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "adapter_model.safetensors").write_bytes(b"old")
     cli.ok("extract", "--base", root / "base", "--tuned", root / "tuned", "-o", out, "--force", "--rank", "2")
     assert (out / "adapter_config.json").is_file() and not (out / "keep.txt").exists()
 

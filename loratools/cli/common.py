@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -26,10 +27,40 @@ DTYPES = {
 }
 
 
+class Terminated(SystemExit):
+    """Raised by the SIGTERM handler: unwinds like Ctrl-C, so atomic writers remove their temp outputs."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise Terminated()
+
+
 class OneLineErrors(click.Group):
-    """A group whose usage errors (unknown flag, bad choice, missing argument) are one ``error:`` line, exit 2."""
+    """A group whose usage errors (unknown flag, bad choice, missing argument) are one ``error:`` line, exit 2.
+
+    SIGTERM (``timeout``, schedulers, ``docker stop``) is handled like SIGINT: temp outputs are removed,
+    one ``error:`` line, exit 143.
+    """
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
+        try:
+            return self._main(*args, **kwargs)
+        except Terminated as exc:
+            click.echo("error: terminated; nothing was written", err=True)
+            sys.exit(exc.code)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
             rv = super().main(*args, **kwargs)

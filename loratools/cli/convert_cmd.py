@@ -62,7 +62,7 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     Without a rank rule the conversion is exact; with --rank/--energy/--ratio/--threshold each layer is the
     optimal truncation of its exact spectrum (computed from the factors, never from the dense ΔW).
     """
-    out_path = check_output(out, force, [adapter, base])
+    out_path = check_output(out, force, [adapter, base], is_dir=to_format == "peft")
     check_output_name(to_format, out_path)
     if fold_dora and base is None:
         raise LoraToolsError("--fold-dora needs --base CKPT (the DoRA norm is taken over W + ΔW)")

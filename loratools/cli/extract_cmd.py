@@ -79,7 +79,7 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     from loratools.formats import check_output_name, save_adapter
     from loratools.formats.common import check_output
 
-    out_path = check_output(out, force, [base, tuned])
+    out_path = check_output(out, force, [base, tuned], is_dir=out_format == "peft")
     check_output_name(out_format, out_path)
     rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
     if conv_rank is not None and conv_rank < 1:

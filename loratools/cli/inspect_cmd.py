@@ -40,7 +40,7 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
     from loratools.formats.common import check_output
 
     if plot:
-        check_output(plot, force)
+        check_output(plot, force, [adapter, base], is_dir=False)
     report = inspect_adapter(
         adapter, base=base, format=in_format, allow_nonfinite=allow_nonfinite,
         progress=lambda it, n: progress(it, n, "inspect", quiet or as_json),

@@ -72,7 +72,8 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, base,
                   dtype, force, allow_nonfinite, as_json, quiet):
     parsed = [parse_weighted_spec(s) for s in specs]
-    out_path = check_output(out, force, [p for p, _ in parsed] + [base])
+    out_path = check_output(out, force, [p for p, _ in parsed] + [base],
+                            is_dir=out_format == "peft" if out_format else None)
     dt = parse_dtype(dtype)
     dev = str(resolve_device(device))
     ckpt = Checkpoint(base) if base else None

@@ -66,7 +66,7 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     Layers whose rank does not change are copied bit-exactly. Format and metadata are kept
     (kohya ss_network_dim/alpha and PEFT r/lora_alpha/rank_pattern are updated).
     """
-    out_path = check_output(out, force, [adapter, base])
+    out_path = check_output(out, force, [adapter, base], is_dir=to_format == "peft" if to_format else None)
     rule = make_rule(rank, energy, ratio, threshold, max_rank)
     conv_rule = RankRule("rank", float(conv_rank), max_rank) if conv_rank is not None else None
     prune = Prune.parse(prune_below, prune_relative) if prune_below is not None else None

@@ -41,7 +41,7 @@ def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot,
     from loratools.formats.common import check_output
 
     if plot:
-        check_output(plot, force)
+        check_output(plot, force, [base, tuned], is_dir=False)
     report = spectrum(base, tuned, include=include, exclude=exclude, top=top, exact=exact, exact_below=exact_below,
                       device=device, seed=seed, progress=lambda it, n: progress(it, n, "spectrum", quiet or as_json))
     if plot:

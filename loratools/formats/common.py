@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,6 +12,7 @@ import torch
 from loratools.adapter import LoraLayer
 from loratools.checkpoint import DTYPES, is_safetensors, open_safetensors, safe_load_pickle
 from loratools.errors import LoraToolsError
+from loratools.output import atomic_path, check_output  # noqa: F401  (re-exported for the writers)
 
 #: kohya prefix → diffusers pipeline component
 KOHYA_PREFIXES = {
@@ -97,72 +94,6 @@ def split_component(name: str) -> tuple[str | None, str]:
     if head in COMPONENTS and rest:
         return head, rest
     return None, name
-
-
-def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Refuse to replace an existing output without ``--force`` (checked before any work).
-
-    An output that is one of the ``inputs``, or a folder holding one, is refused even with ``--force``:
-    inputs are never modified.
-    """
-    p = Path(out)
-    target = p.resolve()
-    for inp in inputs:
-        if inp is None:
-            continue
-        src = Path(inp).resolve()
-        if src == target or target in src.parents:
-            raise LoraToolsError(f"{p}: output is the input {inp}; inputs are never overwritten, choose another -o")
-    if p.exists() and not force:
-        raise LoraToolsError(f"{p}: output already exists (use --force to replace it)")
-    if not p.parent.exists():
-        raise LoraToolsError(f"{p.parent}: output folder does not exist")
-    return p
-
-
-@contextlib.contextmanager
-def atomic_path(out: Path, force: bool, is_dir: bool) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success rename it onto ``out`` (replacing it with force).
-
-    On any error the temporary file or folder is removed and ``out`` is left as it was.
-    """
-    check_output(out, force)
-    parent = out.parent
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        _umask_perms(tmp, is_dir)
-        if out.exists():
-            if out.is_dir() and not out.is_symlink():
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-                os.replace(out, trash / "old")
-                os.replace(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-                return
-            if is_dir:
-                out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask_perms(path: Path, is_dir: bool) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; give outputs the usual umask permissions."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
-    if is_dir:
-        for child in path.rglob("*"):
-            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
