@@ -6,16 +6,18 @@ import click
 from tabulate import tabulate
 
 from loratools.cli.common import (
+    FORMATS,
     clean_floats,
     dtype_option,
     echo_warnings,
     emit_json,
     fmt,
     force_option,
-    format_option,
     handle_errors,
+    in_format_option,
     json_option,
     main,
+    make_conv_rule,
     make_rule,
     nonfinite_option,
     parse_dtype,
@@ -24,10 +26,6 @@ from loratools.cli.common import (
     rank_rule_options,
 )
 from loratools.errors import LoraToolsError
-from loratools.formats import FORMATS, load_adapter, save_adapter
-from loratools.formats.common import check_output
-from loratools.linalg import RankRule
-from loratools.resize import Prune, adapter_bytes, resize_adapter
 
 
 def _size(n: int) -> str:
@@ -50,7 +48,7 @@ def _size(n: int) -> str:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Drop layers whose name matches (repeatable).")
 @click.option("--to", "to_format", default=None, type=click.Choice(FORMATS), help="Output format (default: the input's).")
 @click.option("--base", type=click.Path(), default=None, help="Base checkpoint to resolve kohya names (optional).")
-@format_option
+@in_format_option
 @dtype_option
 @force_option
 @nonfinite_option
@@ -66,9 +64,13 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     Layers whose rank does not change are copied bit-exactly. Format and metadata are kept
     (kohya ss_network_dim/alpha and PEFT r/lora_alpha/rank_pattern are updated).
     """
+    from loratools.formats import load_adapter, save_adapter
+    from loratools.formats.common import check_output
+    from loratools.resize import Prune, adapter_bytes, resize_adapter
+
     out_path = check_output(out, force, [adapter, base])
     rule = make_rule(rank, energy, ratio, threshold, max_rank)
-    conv_rule = RankRule("rank", float(conv_rank), max_rank) if conv_rank is not None else None
+    conv_rule = make_conv_rule(conv_rank, max_rank)
     prune = Prune.parse(prune_below, prune_relative) if prune_below is not None else None
     if rule is None and conv_rule is None and prune is None and not include and not exclude:
         raise LoraToolsError("nothing to do: give a rank rule (--rank/--energy/--ratio/--threshold/--max-rank), "
@@ -76,7 +78,7 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     dt = parse_dtype(dtype)
     ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
-                                 progress=lambda it, n: progress(it, n, "resize", quiet or as_json))
+                                 progress=lambda it, n: progress(it, n, "resize", quiet))
     fmt_out = to_format or ad.format
     save_adapter(new, out_path, fmt_out, force=force, dtype=dt)
     totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))

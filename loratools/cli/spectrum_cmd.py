@@ -43,7 +43,7 @@ def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot,
     if plot:
         check_output(plot, force)
     report = spectrum(base, tuned, include=include, exclude=exclude, top=top, exact=exact, exact_below=exact_below,
-                      device=device, seed=seed, progress=lambda it, n: progress(it, n, "spectrum", quiet or as_json))
+                      device=device, seed=seed, progress=lambda it, n: progress(it, n, "spectrum", quiet))
     if plot:
         from loratools.plot import plot_spectra
 
