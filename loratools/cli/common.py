@@ -310,6 +310,23 @@ def progress_lines(items: Iterable[T], length: int | None, label: str, unit: str
         click.echo(f"{label}: {done} {unit}", err=True)
 
 
+def canonical_fields(rows: Iterable[dict], renames: dict[str, str]) -> None:
+    """Give each ``--json`` row the canonical field names (README, "JSON fields"), in place.
+
+    ``renames`` maps an old name to its canonical one; the old key stays, right before the new one,
+    as a deprecated alias for one release.
+    """
+    for row in rows:
+        if not any(old in row and new not in row for old, new in renames.items()):
+            continue
+        items = list(row.items())
+        row.clear()
+        for key, value in items:
+            row[key] = value
+            if key in renames and renames[key] not in dict(items):
+                row[renames[key]] = value
+
+
 def emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
 

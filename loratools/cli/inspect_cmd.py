@@ -6,6 +6,7 @@ import click
 from tabulate import tabulate
 
 from loratools.cli.common import (
+    canonical_fields,
     clean_floats,
     echo_warnings,
     emit_json,
@@ -50,6 +51,7 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
 
         plot_spectra(report["layers"], plot, title=str(adapter), force=force)
     if as_json:
+        canonical_fields(report["layers"], {"spectral_norm": "sigma_1"})
         emit_json(clean_floats(report))
         echo_warnings(report["summary"]["warnings"])
         return

@@ -95,6 +95,9 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
                       for (p, w), (ad, _) in zip(parsed, inputs)],
            "output": str(out_path), "format": fmt_out, "params": merged.num_params, **report.as_dict()}
     doc["warnings"] = merged.warnings
+    for row in doc["layers"]:
+        layer = merged.layers.get(row["name"])
+        row.setdefault("shape", list(layer.shape) if layer is not None else None)
     if as_json:
         emit_json(clean_floats(doc))
         return

@@ -7,6 +7,7 @@ from tabulate import tabulate
 
 from loratools.cli.common import (
     FORMATS,
+    canonical_fields,
     clean_floats,
     dtype_option,
     echo_warnings,
@@ -84,8 +85,10 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))
     warnings = list(ad.warnings) + report.warnings
     if as_json:
-        emit_json(clean_floats({"input": str(adapter), "output": str(out_path), "format": fmt_out,
-                                **report.as_dict(), "totals": totals, "warnings": warnings}))
+        doc = {"input": str(adapter), "output": str(out_path), "format": fmt_out, **report.as_dict(), "totals": totals,
+               "warnings": warnings}
+        canonical_fields(doc["layers"], {"kind": "source_type", "old_rank": "source_rank", "new_rank": "rank"})
+        emit_json(clean_floats(doc))
         return
     rows = [[r.name, r.kind, "×".join(map(str, r.shape)), f"{r.old_rank} -> {r.new_rank}", fmt(r.fro_norm),
              fmt(r.retained_energy, 6), fmt(r.relative_error, 4), r.action] for r in report.layers]
