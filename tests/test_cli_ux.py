@@ -236,3 +236,40 @@ def test_progress_lines_every_ten_percent(capsys):
     assert len(lines) == 10
     list(progress_lines(iter(range(25)), None, "bake", unit="files"))
     assert capsys.readouterr().err.splitlines() == ["bake: 10 files", "bake: 20 files", "bake: 25 files"]
+
+
+# --- 7. plots ------------------------------------------------------------------------------------------------------
+
+def test_natural_sort_and_blocks():
+    from loratools.plot import block_and_module, natural_sorted
+
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in (10, 2, 1, 11, 0)]
+    assert natural_sorted(names) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1, 2, 10, 11)]
+    assert natural_sorted(["b2", "a10", "a9", "b10"]) == ["a9", "a10", "b2", "b10"]
+    assert block_and_module("model.layers.12.self_attn.q_proj") == ("model.layers.12", "self_attn.q_proj")
+    assert block_and_module("lm_head") == ("-", "lm_head")
+
+
+def _synthetic_rows(blocks: int, modules: list[str]) -> list[dict]:
+    rows = []
+    for b in range(blocks):
+        for j, m in enumerate(modules):
+            sv = [math.exp(-(i + 1) / (3 + (b + j) % 7)) for i in range(32)]
+            rows.append({"name": f"model.layers.{b}.{m}", "singular_values": sv, "effective_rank": 4.0 + (b * j) % 13,
+                         "rank90": 2 + (b + 2 * j) % 20, "rank": 16})
+    return rows
+
+
+@pytest.mark.parametrize("blocks", [2, 8, 43])
+def test_plot_height_is_bounded(tmp_path, blocks):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from loratools.plot import MAX_HEIGHT_PX, plot_spectra
+
+    rows = _synthetic_rows(blocks, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+    png = tmp_path / "p.png"
+    plot_spectra(rows, png, title="ΔW = tuned − base", outline_key="rank90", outline_label="90 % energy rank")
+    width, height = Image.open(png).size
+    assert 300 < height <= MAX_HEIGHT_PX and width <= 2000, (blocks, width, height)
