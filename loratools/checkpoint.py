@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,18 +64,18 @@ def open_safetensors(path: Path):
 def safe_load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Load a .bin/.pt state dict with ``weights_only=True`` (no code execution), mmap where possible."""
     try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol warning would be a second stderr line
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LoraToolsError(f"{path}: no such file") from None
     except Exception as exc:
-        raise LoraToolsError(
-            f"{path}: refused to load: not a plain tensor state dict under weights_only=True ({_one_line(exc)})"
-        ) from None
+        raise LoraToolsError(f"{path}: refused to load: {_refusal_reason(exc)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -101,6 +103,19 @@ def _read_index(index: Path) -> dict[str, str]:
                 f"{index}: 'weight_map' entry {key!r} must name a shard file in the same folder, got {json.dumps(shard)[:80]}"
             )
     return weight_map
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """Why torch's safe unpickler refused a file, without torch's advice to reload it unsafely."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a {found.group(1)} object, not only tensors, and unpickling it could execute code"
+    if "Weights only load failed" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        return ("not a plain tensor state dict, and unpickling anything else could execute code"
+                + (f" (safe unpickler: {detail.group(1).strip()[:200]})" if detail else ""))
+    return f"not a readable tensor state dict ({_one_line(exc)})"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -372,6 +372,8 @@ class RankRule:
     def __post_init__(self) -> None:
         if self.kind not in RULE_KINDS:
             raise LoraToolsError(f"unknown rank rule {self.kind!r}; expected one of {', '.join(RULE_KINDS)}")
+        if not math.isfinite(self.value):
+            raise LoraToolsError(f"--{self.kind} must be a finite number, got {self.value}")
         if self.kind == "rank" and (self.value < 1 or self.value != int(self.value)):
             raise LoraToolsError(f"--rank must be a positive integer, got {self.value}")
         if self.kind == "energy" and not 0 < self.value <= 1:

@@ -47,7 +47,7 @@ def test_exact_conversion_loads_in_peft(case, tmp_path, cli):
     eff = effective(model, base)
     f, b = save_lycoris(net, base, tmp_path)
     out = tmp_path / "peft"
-    doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out, "--base", b, "--json").output)
+    doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out, "--base", b, "--json").stdout)
     assert doc["rule"] == "exact"
     for row in doc["per_layer"]:
         assert row["action"] in ("exact", "copied") and row["relative_error"] == pytest.approx(0.0, abs=1e-6)
@@ -63,7 +63,7 @@ def test_rank_rule_is_eckart_young_optimal(tmp_path, cli):
     eff = effective(model, base)
     f, b = save_lycoris(net, base, tmp_path)
     out = tmp_path / "k.safetensors"
-    doc = json.loads(cli.ok("convert", f, "--to", "kohya", "-o", out, "--base", b, "--rank", "3", "--json").output)
+    doc = json.loads(cli.ok("convert", f, "--to", "kohya", "-o", out, "--base", b, "--rank", "3", "--json").stdout)
     rows = {r["name"]: r for r in doc["per_layer"]}
     ad = load_adapter(out, base=b)
     for n in SHAPES:
@@ -90,7 +90,7 @@ def test_energy_rule_and_kohya_roundtrip_in_lycoris(tmp_path, cli):
     for n in SHAPES:
         assert rel(got[n], eff[n]) < 3e-6
     doc = json.loads(cli.ok("convert", f, "--to", "kohya", "-o", tmp_path / "e.safetensors", "--base", b,
-                            "--energy", "0.9", "--json").output)
+                            "--energy", "0.9", "--json").stdout)
     assert all(r["retained_energy"] >= 0.9 - 1e-9 for r in doc["per_layer"])
 
 

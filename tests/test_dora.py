@@ -108,7 +108,7 @@ def test_fold_dora(kw, tmp_path, cli):
     f, b = save_lycoris(net, base, tmp_path)
     out = tmp_path / "folded"
     doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out, "--base", b, "--fold-dora", "--rank", "32",
-                            "--json").output)
+                            "--json").stdout)
     assert all(r["action"] == "folded" for r in doc["per_layer"])
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_dora"] is False
@@ -117,7 +117,7 @@ def test_fold_dora(kw, tmp_path, cli):
         assert rel(got[n], eff[n]) < 1e-5, n
     out2 = tmp_path / "folded2"
     doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out2, "--base", b, "--fold-dora", "--rank", "4",
-                            "--json").output)
+                            "--json").stdout)
     got = peft_deltas(out2, base)
     for r in doc["per_layer"]:
         n = r["name"]
@@ -151,7 +151,7 @@ def test_mixed_dora_and_plain_layers_to_peft(tmp_path, cli):
     _, b = save_lycoris(n1, base, tmp_path)
     cli.fails("convert", f, "--to", "peft", "-o", tmp_path / "x", match="use_dora is adapter-wide")
     out = tmp_path / "peft"
-    doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out, "--base", b, "--json").output)
+    doc = json.loads(cli.ok("convert", f, "--to", "peft", "-o", out, "--base", b, "--json").stdout)
     assert {r["name"]: r["action"] for r in doc["per_layer"]}["conv"] == "exact+identity magnitude"
     got = peft_deltas(out, base)
     for n in SHAPES:

@@ -129,13 +129,13 @@ def test_gram_svd_loha_exact(symmetric):
 
 def test_inspect_json_types(built, cli):
     _, _, _, f, b = built["dora_out"]
-    rows = json.loads(cli.ok("inspect", f, "--base", b, "--json").output)["layers"]
+    rows = json.loads(cli.ok("inspect", f, "--base", b, "--json").stdout)["layers"]
     assert {r["name"]: r["type"] for r in rows} == {"lin": "dora", "conv": "dora", "pw": "dora"}
     _, _, _, f, b = built["loha_dora_in"]
-    rows = json.loads(cli.ok("inspect", f, "--base", b, "--json").output)["layers"]
+    rows = json.loads(cli.ok("inspect", f, "--base", b, "--json").stdout)["layers"]
     assert {r["type"] for r in rows} == {"loha+dora"} and {r["magnitude_axis"] for r in rows} == {"in"}
     _, eff, _, f, b = built["lokr"]
-    rows = {r["name"]: r for r in json.loads(cli.ok("inspect", f, "--base", b, "--json").output)["layers"]}
+    rows = {r["name"]: r for r in json.loads(cli.ok("inspect", f, "--base", b, "--json").stdout)["layers"]}
     assert rows["lin"]["type"] == "lokr" and rows["conv"]["shape"] == [32, 16, 3, 3]
     ref = torch.linalg.svdvals(eff["lin"].double())
     sv = torch.tensor(rows["lin"]["singular_values"], dtype=torch.float64)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import loratools.output as output
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, error_line
 
 INPUTS = ["base", "tuned", "peft_lora", "kohya_lora.safetensors", "locon.safetensors", "unet_base.safetensors"]
 
@@ -324,7 +324,7 @@ def wait_for(paths: list[Path], procs: list[subprocess.Popen], timeout: float = 
 
 def test_two_processes_writing_one_output(ws):
     out = ws / "out.safetensors"
-    procs = [start(ws, tag, "convert", ws / "in/peft_lora", "--to", "kohya", "-o", out) for tag in "ab"]
+    procs = [start(ws, tag, "convert", ws / "in/peft_lora", "--to", "kohya", "-o", out, "--quiet") for tag in "ab"]
     wait_for([ready for _, ready in procs], [p for p, _ in procs])  # both passed the existence check
     (ws / "go").touch()
     results = [p.communicate(timeout=120) + (p.returncode,) for p, _ in procs]
@@ -338,7 +338,7 @@ def test_two_processes_writing_one_output(ws):
 @pytest.mark.parametrize("to", ["kohya", "peft"])
 def test_sigterm_leaves_no_temp_output(ws, to):
     out = ws / "new" / "deeper" / ("out.safetensors" if to == "kohya" else "out")
-    proc, ready = start(ws, "a", "convert", ws / "in/peft_lora", "--to", to, "-o", out)
+    proc, ready = start(ws, "a", "convert", ws / "in/peft_lora", "--to", to, "-o", out, "--quiet")
     wait_for([ready], [proc])
     assert strays(out.parent)  # the temp output is there
     proc.send_signal(signal.SIGTERM)
@@ -390,7 +390,7 @@ def test_write_errors_are_one_line_naming_the_output(cli, ws, monkeypatch, code)
     monkeypatch.setattr(common, "_write_tensor", fail)
     out = ws / "new" / "k.safetensors"
     res = cli.fails("convert", ws / "in/peft_lora", "--to", "kohya", "-o", out, match=os.strerror(code))
-    assert res.exit_code == 1 and res.stderr.startswith(f"error: {out}: cannot write")
+    assert res.exit_code == 1 and error_line(res.stderr).startswith(f"error: {out}: cannot write")
     assert not (ws / "new").exists() and strays(ws) == []
     # the temp file cannot even be created (read-only folder, full disk)
     monkeypatch.undo()
@@ -402,7 +402,7 @@ def test_write_errors_are_one_line_naming_the_output(cli, ws, monkeypatch, code)
     monkeypatch.setattr(tempfile, "mkdtemp", no_temp)
     for to, name in (("kohya", "k.safetensors"), ("peft", "adapter")):
         res = cli.fails("convert", ws / "in/peft_lora", "--to", to, "-o", ws / name, match=os.strerror(code))
-        assert res.exit_code == 1 and res.stderr.startswith(f"error: {ws / name}: cannot write")
+        assert res.exit_code == 1 and error_line(res.stderr).startswith(f"error: {ws / name}: cannot write")
     assert strays(ws) == []
 
 

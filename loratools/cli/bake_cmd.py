@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from loratools.bake import bake
 from loratools.cli.common import (
     dtype_option,
     echo_warnings,
@@ -18,7 +17,6 @@ from loratools.cli.common import (
     progress,
     quiet_option,
 )
-from loratools.merge import parse_weighted_spec
 
 
 @main.command("bake")
@@ -39,9 +37,12 @@ def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite
     library's formula: PEFT m·(W + w·ΔW)/‖W + w·ΔW‖, LyCORIS V·(w·(m/(‖V‖+eps) − 1) + 1) with V = W + ΔW.
     Kohya names are resolved against BASE.
     """
+    from loratools.bake import bake
+    from loratools.merge import parse_weighted_spec
+
     parsed = [parse_weighted_spec(s) for s in specs]
     doc = bake(base, parsed, out, dtype=parse_dtype(dtype), force=force,
-               progress=lambda it, n: progress(it, n, "bake", quiet or as_json), allow_nonfinite=allow_nonfinite)
+               progress=lambda it, n: progress(it, n, "bake", quiet, unit="files"), allow_nonfinite=allow_nonfinite)
     if as_json:
         emit_json(doc)
         return

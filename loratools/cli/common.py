@@ -1,7 +1,12 @@
-"""Shared CLI plumbing: the group, error handling, shared options, progress and rendering."""
+"""Shared CLI plumbing: the group, error handling, shared options, progress and rendering.
+
+Nothing here imports torch or the numeric library at module level: ``loratools --help`` (and
+``loratools CMD --help``) must stay fast, so commands import what they need when they run.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -9,21 +14,30 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-import torch
 
 from loratools import __version__
 from loratools.errors import LoraToolsError
-from loratools.linalg import RankRule
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratools.linalg import RankRule
 
 T = TypeVar("T")
 
+# Choices shown in --help; kept equal to the library's tuples by tests/test_cli_ux.py (importing the
+# library here would import torch for every --help).
+FORMATS = ("peft", "kohya", "diffusers")  # loratools.formats.FORMATS
+MERGE_METHODS = ("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
+                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # loratools.merge.METHODS
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # formats.common.COMPONENTS
+
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-    "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64,
-    "float64": torch.float64,
+    "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64",
 }
 
 
@@ -37,6 +51,14 @@ class Terminated(SystemExit):
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
     raise Terminated()
+
+
+def _wants_json(argv: Any) -> bool:
+    """True when ``--json`` is among the raw arguments (before a ``--`` separator)."""
+    if not isinstance(argv, list | tuple):
+        return False
+    args = list(argv)
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
 
 
 class OneLineErrors(click.Group):
@@ -62,55 +84,129 @@ class OneLineErrors(click.Group):
 
     def _main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        as_json = _wants_json(kwargs["args"] if "args" in kwargs else (args[0] if args else sys.argv[1:]))
         try:
             rv = super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:
             exc.show()
             sys.exit(2)
-        except click.UsageError as exc:
-            command = exc.ctx.command_path if exc.ctx is not None else "loratools"
-            click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
-            sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
+            fail(click_message(exc), exc.exit_code, as_json)
         except click.Abort:
-            click.echo("error: aborted; nothing was written", err=True)
-            sys.exit(1)
+            fail("aborted; nothing was written", 1, as_json)
+        flush_stdout()
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="loratools")
 def main() -> None:
-    """Extract, resize, merge, convert and inspect LoRA adapters (PEFT, kohya, diffusers)."""
+    """Extract, resize, merge, convert and inspect LoRA adapters (PEFT, kohya, diffusers).
+
+    \b
+    Formats: --from FORMAT names the input adapter format (inspect, convert, resize, merge;
+    default: detect), --to FORMAT the output format (extract, convert, resize, merge).
+    The older --format spelling still works where it existed.
+    """
 
 
-def fail(message: str, code: int = 1) -> None:
+def closed_pipe() -> NoReturn:
+    """Stdout's reader went away (``| head``): exit 1 quietly, as Python's docs advise.
+
+    Pointing stdout at /dev/null stops the interpreter's final flush from raising a second
+    BrokenPipeError. Exit 1 (not 0): the output was not delivered in full.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. a test runner's buffer)
+        pass
+    sys.exit(1)
+
+
+def flush_stdout() -> None:
+    """Flush stdout now, inside our handlers, so a closed pipe is caught here and not at interpreter exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        closed_pipe()
+    except (OSError, ValueError):
+        pass
+
+
+def click_message(exc: click.ClickException) -> str:
+    """Click's message; a usage error points at the command's --help."""
+    if isinstance(exc, click.UsageError):
+        command = exc.ctx.command_path if exc.ctx is not None else "loratools"
+        return f"{exc.format_message()} (see '{command} --help')"
+    return exc.format_message()
+
+
+def fail(message: str, code: int = 1, as_json: bool = False) -> NoReturn:
+    """One ``error: ...`` line on stderr and exit ``code``; with ``--json`` also ``{"error", "exit_code"}`` on stdout."""
+    if as_json:
+        try:
+            click.echo(json.dumps({"error": message, "exit_code": code}))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            closed_pipe()
+        except (OSError, ValueError):
+            pass
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
+def os_error_message(exc: OSError) -> str:
+    """``FILE: reason`` for an OSError (``FILE -> OTHER: reason`` for a rename); the reason alone without a file."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno == errno.ENOSPC and not exc.filename:
+        reason += " (while writing the output)"
+    if exc.filename is None:
+        return reason
+    where = os.fsdecode(exc.filename) if isinstance(exc.filename, str | bytes) else str(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2) if isinstance(exc.filename2, str | bytes) else exc.filename2}"
+    return f"{where}: {reason}"
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one line on stderr and exit 1; never a traceback (unless LORATOOLS_DEBUG)."""
+    """Turn every failure of a command into one ``error:`` line on stderr, never a traceback.
+
+    Exit 1 for any failure while running (library errors, OS errors, bugs); exit 2 stays reserved for
+    a mistyped command line (Click's usage errors). A closed stdout pipe exits 1 quietly. With
+    ``--json`` the error is also printed on stdout as ``{"error": ..., "exit_code": ...}``.
+    ``LORATOOLS_DEBUG=1`` re-raises instead, for a traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        debug = bool(os.environ.get("LORATOOLS_DEBUG"))
         try:
-            return fn(*args, **kwargs)
-        except LoraToolsError as exc:
-            if os.environ.get("LORATOOLS_DEBUG"):
-                raise
-            fail(str(exc).replace("\n", " "))
-        except KeyboardInterrupt:
-            fail("interrupted; nothing was written", 130)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            rv = fn(*args, **kwargs)
+            flush_stdout()
+            return rv
+        except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except click.ClickException as exc:  # a UsageError raised by a command body keeps its exit 2
+            fail(click_message(exc), exc.exit_code, as_json)
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written", 130, as_json)
+        except BrokenPipeError:
+            closed_pipe()
+        except LoraToolsError as exc:
+            if debug:
+                raise
+            fail(str(exc).replace("\n", " "), 1, as_json)
+        except OSError as exc:
+            if debug:
+                raise
+            fail(os_error_message(exc), 1, as_json)
         except Exception as exc:  # a bug or an input we did not anticipate: still one line
-            if os.environ.get("LORATOOLS_DEBUG"):
+            if debug:
                 raise
             fail(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                 "(set LORATOOLS_DEBUG=1 for a traceback)", 2)
+                 "(set LORATOOLS_DEBUG=1 for a traceback)", 1, as_json)
 
     return wrapper
 
@@ -119,19 +215,51 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     try:
-        return DTYPES[name.lower()]
+        canonical = DTYPES[name.lower()]
     except KeyError:
         raise LoraToolsError(f"unknown dtype {name!r}; expected one of fp32, fp16, bf16, fp64") from None
+    import torch
+
+    return getattr(torch, canonical)
 
 
+class FiniteFloat(click.ParamType):
+    """A float that is not NaN or ±inf (Click's FLOAT accepts 'nan' and 'inf')."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid float.", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return x
+
+
+FINITE_FLOAT = FiniteFloat()
+
+
+def in_format_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--from`` (alias ``--format``, the old spelling): the input adapter format."""
+    return click.option("--from", "--format", "in_format", default="auto", type=click.Choice(["auto", *FORMATS]),
+                        help="Input adapter format (default: detect). --format is the older spelling.")(fn)
+
+
+def from_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--from`` alone, for commands whose ``--format`` already names the output format (merge)."""
+    return click.option("--from", "in_format", default="auto", type=click.Choice(["auto", *FORMATS]),
+                        help="Input adapter format of every input (default: detect each).")(fn)
+
+
+format_option = in_format_option  # the old name, for plugins importing it
 dtype_option = click.option("--dtype", default=None, metavar="DTYPE",
                             help="Output dtype: fp32, fp16, bf16 (default: keep the input's).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-format_option = click.option("--format", "in_format", default="auto",
-                             type=click.Choice(["auto", "peft", "kohya", "diffusers"]),
-                             help="Input adapter format (default: detect).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help='Print one JSON document to stdout (on failure: {"error": ..., "exit_code": ...}).')
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or progress lines on stderr.")
 nonfinite_option = click.option("--allow-nonfinite", is_flag=True,
                                 help="Warn about NaN/Inf in weights instead of refusing.")
 
@@ -140,9 +268,10 @@ def rank_rule_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--rank / --energy / --ratio / --threshold / --max-rank (at most one rule)."""
     for opt in reversed([
         click.option("--rank", type=int, default=None, help="Keep a fixed rank N."),
-        click.option("--energy", type=float, default=None, help="Keep the smallest rank with this fraction of ‖ΔW‖_F²."),
-        click.option("--ratio", type=float, default=None, help="Keep σᵢ ≥ σ₁ / R."),
-        click.option("--threshold", type=float, default=None, help="Keep σᵢ ≥ T."),
+        click.option("--energy", type=FINITE_FLOAT, default=None,
+                     help="Keep the smallest rank with this fraction of ‖ΔW‖_F²."),
+        click.option("--ratio", type=FINITE_FLOAT, default=None, help="Keep σᵢ ≥ σ₁ / R."),
+        click.option("--threshold", type=FINITE_FLOAT, default=None, help="Keep σᵢ ≥ T."),
         click.option("--max-rank", type=int, default=None, help="Cap every layer's rank."),
     ]):
         fn = opt(fn)
@@ -151,6 +280,8 @@ def rank_rule_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def make_rule(rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
               max_rank: int | None, default: RankRule | None = None) -> RankRule | None:
+    from loratools.linalg import RankRule
+
     given = {k: v for k, v in (("rank", rank), ("energy", energy), ("ratio", ratio), ("threshold", threshold)) if v is not None}
     if len(given) > 1:
         raise LoraToolsError(f"choose one rank rule, got {', '.join('--' + k for k in given)}")
@@ -162,13 +293,69 @@ def make_rule(rank: int | None, energy: float | None, ratio: float | None, thres
     return default
 
 
-def progress(items: Iterable[T], length: int | None, label: str, quiet: bool) -> Iterator[T]:
-    """A progress bar on stderr when it is a terminal and not --quiet; a plain iterator otherwise."""
-    if quiet or not sys.stderr.isatty():
+def make_conv_rule(conv_rank: int | None, max_rank: int | None) -> RankRule | None:
+    """The fixed-rank rule of ``--conv-rank`` (errors name --conv-rank, not --rank)."""
+    if conv_rank is None:
+        return None
+    if conv_rank < 1:
+        raise LoraToolsError(f"--conv-rank must be a positive integer, got {conv_rank}")
+    from loratools.linalg import RankRule
+
+    return RankRule("rank", float(conv_rank), max_rank)
+
+
+def progress(items: Iterable[T], length: int | None, label: str, quiet: bool, unit: str = "layers") -> Iterator[T]:
+    """Progress on stderr unless ``--quiet``: a bar on a terminal, otherwise one line per 10 % step.
+
+    The lines (``extract: 12/120 layers (10%)``) are for logs and CI, where a bar would be noise;
+    they go to stderr, so stdout (tables, ``--json``) is unaffected.
+    """
+    if quiet:
         yield from items
         return
-    with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True) as bar:
-        yield from bar
+    if sys.stderr.isatty():
+        with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True) as bar:
+            yield from bar
+        return
+    yield from progress_lines(items, length, label, unit)
+
+
+def progress_lines(items: Iterable[T], length: int | None, label: str, unit: str = "layers",
+                   step: int = 10) -> Iterator[T]:
+    """Yield ``items``; after each one that crosses a ``step`` % mark print ``label: i/n unit (p%)`` to stderr.
+
+    Without a length, a line every 10 items and one at the end.
+    """
+    shown = -1
+    done = 0
+    for done, item in enumerate(items, 1):
+        yield item
+        if length:
+            mark = min(done * 100 // length, 100) // step * step
+            if mark > shown and (mark > 0 or done == length):
+                shown = mark
+                click.echo(f"{label}: {done}/{length} {unit} ({done * 100 // length}%)", err=True)
+        elif done % 10 == 0:
+            click.echo(f"{label}: {done} {unit}", err=True)
+    if not length and done % 10:
+        click.echo(f"{label}: {done} {unit}", err=True)
+
+
+def canonical_fields(rows: Iterable[dict], renames: dict[str, str]) -> None:
+    """Give each ``--json`` row the canonical field names (README, "JSON fields"), in place.
+
+    ``renames`` maps an old name to its canonical one; the old key stays, right before the new one,
+    as a deprecated alias for one release.
+    """
+    for row in rows:
+        if not any(old in row and new not in row for old, new in renames.items()):
+            continue
+        items = list(row.items())
+        row.clear()
+        for key, value in items:
+            row[key] = value
+            if key in renames and renames[key] not in dict(items):
+                row[renames[key]] = value
 
 
 def emit_json(doc: Any) -> None:
@@ -176,10 +363,12 @@ def emit_json(doc: Any) -> None:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
+    torch = sys.modules.get("torch")  # a tensor or dtype can only exist once torch is imported
+    if torch is not None:
+        if isinstance(obj, torch.dtype):
+            return str(obj).replace("torch.", "")
+        if isinstance(obj, torch.Tensor):
+            return obj.tolist()
     return str(obj)
 
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 import click
 from tabulate import tabulate
 
-from loratools.checkpoint import Checkpoint
 from loratools.cli.common import (
+    COMPONENTS,
+    FORMATS,
     clean_floats,
     dtype_option,
     echo_warnings,
     emit_json,
     fmt,
     force_option,
-    format_option,
     handle_errors,
+    in_format_option,
     json_option,
     main,
     make_rule,
@@ -29,10 +30,7 @@ from loratools.cli.common import (
     quiet_option,
     rank_rule_options,
 )
-from loratools.convert import check_convertible, convert_adapter
 from loratools.errors import LoraToolsError
-from loratools.formats import FORMATS, check_output_name, load_adapter, save_adapter
-from loratools.formats.common import COMPONENTS, check_output
 
 
 @main.command("convert")
@@ -41,7 +39,7 @@ from loratools.formats.common import COMPONENTS, check_output
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file (kohya, diffusers) or folder (peft).")
 @click.option("--base", type=click.Path(), default=None,
               help="Base checkpoint: resolves kohya/LyCORIS names, gives conv kernel shapes, exact DoRA moves, --fold-dora.")
-@format_option
+@in_format_option
 @rank_rule_options
 @click.option("--fold-dora", is_flag=True, help="Fold DoRA magnitudes into plain LoRA (needs --base).")
 @dtype_option
@@ -62,6 +60,11 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     Without a rank rule the conversion is exact; with --rank/--energy/--ratio/--threshold each layer is the
     optimal truncation of its exact spectrum (computed from the factors, never from the dense ΔW).
     """
+    from loratools.checkpoint import Checkpoint
+    from loratools.convert import check_convertible, convert_adapter
+    from loratools.formats import check_output_name, load_adapter, save_adapter
+    from loratools.formats.common import check_output
+
     out_path = check_output(out, force, [adapter, base], is_dir=to_format == "peft")
     check_output_name(to_format, out_path)
     if fold_dora and base is None:
@@ -72,7 +75,7 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     ad = load_adapter(adapter, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite)
     check_convertible(ad, to_format, fold_dora, ckpt)
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
-                                progress=lambda it, n: progress(it, n, "convert", quiet or as_json))
+                                progress=lambda it, n: progress(it, n, "convert", quiet))
     if component and to_format == "peft":
         new.warnings.append(f"--component {component} has no effect on PEFT output (PEFT keys carry no pipeline component)")
     save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component,

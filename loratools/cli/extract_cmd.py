@@ -17,14 +17,13 @@ from loratools.cli.common import (
     handle_errors,
     json_option,
     main,
+    make_conv_rule,
     make_rule,
     parse_dtype,
     progress,
     quiet_option,
     rank_rule_options,
 )
-from loratools.errors import LoraToolsError
-from loratools.linalg import RankRule
 
 DEFAULT_RANK = 16
 
@@ -49,7 +48,8 @@ def checkpoint_options(fn):
 @click.option("-o", "--output", "--out", "out", required=True, type=click.Path(), help="Output: PEFT folder or kohya .safetensors file.")
 @rank_rule_options
 @click.option("--conv-rank", type=int, default=None, help="Fixed rank for conv layers (default: the main rule).")
-@click.option("--format", "out_format", default="peft", type=click.Choice(["peft", "kohya"]), show_default=True)
+@click.option("--to", "--format", "out_format", default="peft", type=click.Choice(["peft", "kohya"]), show_default=True,
+              help="Output format. --format is the older spelling.")
 @dtype_option
 @click.option("--exact", is_flag=True, help="Exact thin SVD for every layer instead of the randomized one.")
 @click.option("--power-iters", type=click.IntRange(0, 20), default=6, show_default=True,
@@ -78,19 +78,18 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     from loratools.extract import ExtractOptions, extract, output_size
     from loratools.formats import check_output_name, save_adapter
     from loratools.formats.common import check_output
+    from loratools.linalg import RankRule
 
     out_path = check_output(out, force, [base, tuned], is_dir=out_format == "peft")
     check_output_name(out_format, out_path)
     rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
-    if conv_rank is not None and conv_rank < 1:
-        raise LoraToolsError(f"--conv-rank must be ≥ 1, got {conv_rank}")
     options = ExtractOptions(
-        rule=rule, conv_rule=RankRule("rank", conv_rank, max_rank) if conv_rank else None,
+        rule=rule, conv_rule=make_conv_rule(conv_rank, max_rank),
         include=list(include), exclude=list(exclude), save_full=list(save_full), device=device,
         dtype=parse_dtype(dtype), exact=exact, seed=seed, clamp_quantile=clamp_quantile, min_diff=min_diff,
         format=out_format, power_iters=power_iters, power_tol=power_tol,
     )
-    result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet or as_json))
+    result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet))
     save_adapter(result.adapter, out_path, out_format, force=force)
     s = result.summary
     s["output"] = str(out_path)

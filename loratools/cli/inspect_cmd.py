@@ -6,25 +6,25 @@ import click
 from tabulate import tabulate
 
 from loratools.cli.common import (
+    canonical_fields,
     clean_floats,
     echo_warnings,
     emit_json,
     fmt,
-    format_option,
     handle_errors,
+    in_format_option,
     json_option,
     main,
     nonfinite_option,
     progress,
     quiet_option,
 )
-from loratools.inspect import inspect_adapter
 
 
 @main.command("inspect")
 @click.argument("adapter", type=click.Path())
 @click.option("--base", type=click.Path(), default=None, help="Base checkpoint: resolves kohya names, adds ‖ΔW‖/‖W‖.")
-@format_option
+@in_format_option
 @json_option
 @click.option("--plot", type=click.Path(), default=None, help="Write spectra + effective-rank plots to this PNG.")
 @click.option("--top", type=click.IntRange(min=0), default=3, show_default=True, help="Singular values shown per layer in the table.")
@@ -38,18 +38,20 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
     Singular values are exact and computed from the factors (QR + small SVD), never from the dense ΔW.
     """
     from loratools.formats.common import check_output
+    from loratools.inspect import inspect_adapter
 
     if plot:
         check_output(plot, force, [adapter, base], is_dir=False)
     report = inspect_adapter(
         adapter, base=base, format=in_format, allow_nonfinite=allow_nonfinite,
-        progress=lambda it, n: progress(it, n, "inspect", quiet or as_json),
+        progress=lambda it, n: progress(it, n, "inspect", quiet),
     )
     if plot:
         from loratools.plot import plot_spectra
 
         plot_spectra(report["layers"], plot, title=str(adapter), force=force)
     if as_json:
+        canonical_fields(report["layers"], {"spectral_norm": "sigma_1"})
         emit_json(clean_floats(report))
         echo_warnings(report["summary"]["warnings"])
         return

@@ -5,14 +5,16 @@ from __future__ import annotations
 import click
 from tabulate import tabulate
 
-from loratools.checkpoint import Checkpoint
 from loratools.cli.common import (
+    FORMATS,
+    MERGE_METHODS,
     clean_floats,
     dtype_option,
     echo_warnings,
     emit_json,
     fmt,
     force_option,
+    from_option,
     handle_errors,
     json_option,
     main,
@@ -21,11 +23,7 @@ from loratools.cli.common import (
     progress,
     quiet_option,
 )
-from loratools.device import resolve_device
 from loratools.errors import LoraToolsError
-from loratools.formats import FORMATS, check_output_name, load_adapter, save_adapter
-from loratools.formats.common import check_output
-from loratools.merge import METHODS, merge_adapters, parse_weighted_spec
 
 HELP = """Merge weighted adapters A[:W] B[:W] ... into one LoRA (PEFT add_weighted_adapter semantics).
 
@@ -52,7 +50,7 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 @main.command("merge", help=HELP)
 @click.argument("specs", nargs=-1, required=True, metavar="A[:W] B[:W] ...")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file or folder.")
-@click.option("--method", default="svd", show_default=True, type=click.Choice(METHODS), help="Merge method.")
+@click.option("--method", default="svd", show_default=True, type=click.Choice(MERGE_METHODS), help="Merge method.")
 @click.option("--rank", type=int, default=None, help="Output rank (svd family: default max input rank).")
 @click.option("--density", type=float, default=None, help="Fraction kept by ties/dare/magnitude_prune, in (0, 1].")
 @click.option("--majority-sign", default="total", show_default=True, type=click.Choice(["total", "frequency"]),
@@ -60,8 +58,9 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for DARE draws and randomized SVD.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] for the dense per-layer work.")
 @click.option("--exact-svd", is_flag=True, help="Full SVD instead of a randomized sketch for the dense *_svd methods.")
-@click.option("--format", "out_format", default=None, type=click.Choice(FORMATS),
-              help="Output format (default: the first input's).")
+@click.option("--to", "--format", "out_format", default=None, type=click.Choice(FORMATS),
+              help="Output format (default: the first input's). --format is the older spelling.")
+@from_option
 @click.option("--base", type=click.Path(), default=None, help="Base checkpoint to resolve kohya names.")
 @dtype_option
 @force_option
@@ -69,8 +68,14 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 @json_option
 @quiet_option
 @handle_errors
-def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, base,
-                  dtype, force, allow_nonfinite, as_json, quiet):
+def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, in_format,
+                  base, dtype, force, allow_nonfinite, as_json, quiet):
+    from loratools.checkpoint import Checkpoint
+    from loratools.device import resolve_device
+    from loratools.formats import check_output_name, load_adapter, save_adapter
+    from loratools.formats.common import check_output
+    from loratools.merge import merge_adapters, parse_weighted_spec
+
     parsed = [parse_weighted_spec(s) for s in specs]
     out_path = check_output(out, force, [p for p, _ in parsed] + [base],
                             is_dir=out_format == "peft" if out_format else None)
@@ -79,12 +84,12 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     ckpt = Checkpoint(base) if base else None
     if out_format:
         check_output_name(out_format, out_path)
-    inputs = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite), w) for p, w in parsed]
+    inputs = [(load_adapter(p, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite), w) for p, w in parsed]
     check_output_name(out_format or inputs[0][0].format, out_path)
     merged, report = merge_adapters(
         inputs, method=method, rank=rank, density=density, majority_sign=majority_sign, seed=seed, device=dev,
         exact_svd=exact_svd, labels=[p for p, _ in parsed],
-        progress=lambda it, n: progress(it, n, "merge", quiet or as_json),
+        progress=lambda it, n: progress(it, n, "merge", quiet),
     )
     if not merged.layers:
         raise LoraToolsError("the weighted adapters cancel out: every merged layer is zero, nothing to write")
@@ -94,6 +99,9 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
                       for (p, w), (ad, _) in zip(parsed, inputs)],
            "output": str(out_path), "format": fmt_out, "params": merged.num_params, **report.as_dict()}
     doc["warnings"] = merged.warnings
+    for row in doc["layers"]:
+        layer = merged.layers.get(row["name"])
+        row.setdefault("shape", list(layer.shape) if layer is not None else None)
     if as_json:
         emit_json(clean_floats(doc))
         return

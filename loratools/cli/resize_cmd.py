@@ -6,16 +6,19 @@ import click
 from tabulate import tabulate
 
 from loratools.cli.common import (
+    FORMATS,
+    canonical_fields,
     clean_floats,
     dtype_option,
     echo_warnings,
     emit_json,
     fmt,
     force_option,
-    format_option,
     handle_errors,
+    in_format_option,
     json_option,
     main,
+    make_conv_rule,
     make_rule,
     nonfinite_option,
     parse_dtype,
@@ -24,10 +27,6 @@ from loratools.cli.common import (
     rank_rule_options,
 )
 from loratools.errors import LoraToolsError
-from loratools.formats import FORMATS, check_output_name, load_adapter, save_adapter
-from loratools.formats.common import check_output
-from loratools.linalg import RankRule
-from loratools.resize import Prune, adapter_bytes, resize_adapter
 
 
 def _size(n: int) -> str:
@@ -50,7 +49,7 @@ def _size(n: int) -> str:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Drop layers whose name matches (repeatable).")
 @click.option("--to", "to_format", default=None, type=click.Choice(FORMATS), help="Output format (default: the input's).")
 @click.option("--base", type=click.Path(), default=None, help="Base checkpoint to resolve kohya names (optional).")
-@format_option
+@in_format_option
 @dtype_option
 @force_option
 @nonfinite_option
@@ -66,9 +65,13 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     Layers whose rank does not change are copied bit-exactly. Format and metadata are kept
     (kohya ss_network_dim/alpha and PEFT r/lora_alpha/rank_pattern are updated).
     """
+    from loratools.formats import check_output_name, load_adapter, save_adapter
+    from loratools.formats.common import check_output
+    from loratools.resize import Prune, adapter_bytes, resize_adapter
+
     out_path = check_output(out, force, [adapter, base], is_dir=to_format == "peft" if to_format else None)
     rule = make_rule(rank, energy, ratio, threshold, max_rank)
-    conv_rule = RankRule("rank", float(conv_rank), max_rank) if conv_rank is not None else None
+    conv_rule = make_conv_rule(conv_rank, max_rank)
     prune = Prune.parse(prune_below, prune_relative) if prune_below is not None else None
     if rule is None and conv_rule is None and prune is None and not include and not exclude:
         raise LoraToolsError("nothing to do: give a rank rule (--rank/--energy/--ratio/--threshold/--max-rank), "
@@ -79,14 +82,16 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite)
     check_output_name(to_format or ad.format, out_path)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
-                                 progress=lambda it, n: progress(it, n, "resize", quiet or as_json))
+                                 progress=lambda it, n: progress(it, n, "resize", quiet))
     fmt_out = to_format or ad.format
     save_adapter(new, out_path, fmt_out, force=force, dtype=dt)
     totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))
     warnings = list(new.warnings) + report.warnings  # the input's, then the writer's (new.warnings), then resize's
     if as_json:
-        emit_json(clean_floats({"input": str(adapter), "output": str(out_path), "format": fmt_out,
-                                **report.as_dict(), "totals": totals, "warnings": warnings}))
+        doc = {"input": str(adapter), "output": str(out_path), "format": fmt_out, **report.as_dict(), "totals": totals,
+               "warnings": warnings}
+        canonical_fields(doc["layers"], {"kind": "source_type", "old_rank": "source_rank", "new_rank": "rank"})
+        emit_json(clean_floats(doc))
         return
     rows = [[r.name, r.kind, "×".join(map(str, r.shape)), f"{r.old_rank} -> {r.new_rank}", fmt(r.fro_norm),
              fmt(r.retained_energy, 6), fmt(r.relative_error, 4), r.action] for r in report.layers]

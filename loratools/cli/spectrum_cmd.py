@@ -6,6 +6,7 @@ import click
 from tabulate import tabulate
 
 from loratools.cli.common import (
+    canonical_fields,
     clean_floats,
     emit_json,
     fmt,
@@ -43,7 +44,7 @@ def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot,
     if plot:
         check_output(plot, force, [base, tuned], is_dir=False)
     report = spectrum(base, tuned, include=include, exclude=exclude, top=top, exact=exact, exact_below=exact_below,
-                      device=device, seed=seed, progress=lambda it, n: progress(it, n, "spectrum", quiet or as_json))
+                      device=device, seed=seed, progress=lambda it, n: progress(it, n, "spectrum", quiet))
     if plot:
         from loratools.plot import plot_spectra
 
@@ -51,6 +52,8 @@ def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot,
         plot_spectra(rows, plot, title=f"ΔW = {tuned} − {base}", force=force, outline_key="rank90",
                      outline_label="90 % energy rank")
     if as_json:
+        for r in report["layers"]:
+            canonical_fields(r["rank_table"].values(), {"energy": "retained_energy"})
         emit_json(clean_floats(report))
         return
     layers = report["layers"]
