@@ -149,7 +149,7 @@ class UNetStructure:
         rx = re.compile(r"^(input_blocks|output_blocks|middle_block)\.(\d+)\.(.+)$")
         depth: dict[tuple[str, int], int] = {}
         seen: dict[str, set[int]] = {"input_blocks": set(), "output_blocks": set(), "middle_block": set()}
-        ops: list[int] = []
+        ops: set[int] = set()
         shortcut: set[tuple[str, int]] = set()
         add_embedding = False
         for k in keys:
@@ -161,7 +161,7 @@ class UNetStructure:
             kind, n, rest = m.group(1), int(m.group(2)), m.group(3)
             seen[kind].add(n)
             if rest.startswith("0.op."):
-                ops.append(n)
+                ops.add(n)
             elif rest.startswith("0.skip_connection."):
                 shortcut.add((kind, n))
             if kind == "middle_block":
@@ -529,12 +529,15 @@ def structure_from_keys(keys: Iterable[str] | Mapping[str, Any], family: str | N
             rx = r"^transformer\.resblocks\.(\d+)\."
         idx = [int(m.group(1)) for s in sub if (m := re.match(rx, s))]
         hidden = te.hidden
-        if te.kind == "open_clip" and isinstance(keys, Mapping) and idx:
-            shape = getattr(
-                keys.get(f"{te.prefix}transformer.resblocks.0.attn.in_proj_weight"), "shape", None
+        if isinstance(keys, Mapping) and idx:
+            probe = (
+                f"{te.prefix}transformer.resblocks.0.attn.in_proj_weight"
+                if te.kind == "open_clip"
+                else f"{te.prefix}{'text_model.' if text_model else ''}encoder.layers.0.self_attn.q_proj.weight"
             )
+            shape = getattr(keys.get(probe), "shape", None)
             if shape is not None:
-                hidden = int(shape[0]) // 3
+                hidden = int(shape[0]) // (3 if te.kind == "open_clip" else 1)
         projection = te.projection and f"{te.prefix}text_projection" in ks
         tes.append(
             replace(
