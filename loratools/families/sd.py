@@ -707,7 +707,7 @@ def _default_naming(name: str) -> SDNaming:
     return SDNaming(fam, fam.default)
 
 
-def naming(family: str = "sd15", keys: Iterable[str] | Mapping[str, Any] | None = None) -> SDNaming:
+def naming(family: str | None = "sd15", keys: Iterable[str] | Mapping[str, Any] | None = None) -> SDNaming:
     """Name maps of a family's default structure, or of a checkpoint key set (family detected if None)."""
     if keys is not None and family is None:
         got = detect(keys)
