@@ -202,6 +202,9 @@ class Adapter:
     source: str = ""
     #: True when ``config`` was synthesized by loratools rather than written by PEFT itself
     config_generated: bool = False
+    #: where the adapter came from, for writers to describe in their own metadata: ``base_model`` (path or name),
+    #: ``task_type`` (PEFT task), ``comment``, ``output_name``, ``family`` (model family, e.g. sdxl)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:

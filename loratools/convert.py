@@ -21,7 +21,6 @@ Per layer (the CLI only renders the returned report):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
@@ -67,7 +66,7 @@ class LayerConversion:
 def _base_weight(base: Checkpoint | None, name: str) -> torch.Tensor | None:
     if base is None:
         return None
-    from loratools.formats.common import split_component
+    from loratools.formats.naming import split_component
 
     modules = base.modules()
     key = modules.get(split_component(name)[1]) or modules.get(name)
@@ -78,6 +77,9 @@ def _base_weight(base: Checkpoint | None, name: str) -> torch.Tensor | None:
 
 def check_convertible(adapter: Adapter, to_format: str, fold_dora: bool, base: Checkpoint | None) -> None:
     """Refuse before any work: what the target format cannot hold and what needs --base."""
+    from loratools.formats import writer_of
+
+    spec = writer_of(to_format)
     if fold_dora and base is None:
         raise LoraToolsError("--fold-dora needs --base CKPT (the DoRA norm is taken over W + ΔW)")
     for name, layer in adapter.layers.items():
@@ -88,19 +90,21 @@ def check_convertible(adapter: Adapter, to_format: str, fold_dora: bool, base: C
             )
         if layer.magnitude is None or fold_dora:
             continue
-        if to_format == "peft" and base is None and not all(la.magnitude is not None for la in adapter.layers.values()):
+        if spec.dora is None:
+            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in {spec.name} format "
+                                 "(use --to peft or kohya, or --fold-dora)")
+        if spec.dora_all_or_none and base is None and not all(la.magnitude is not None for la in adapter.layers.values()):
             plain = sum(la.magnitude is None for la in adapter.layers.values())
             raise LoraToolsError(
-                f"PEFT's use_dora is adapter-wide but {plain} layer(s) have no DoRA magnitude (e.g. {name} has one): "
+                f"{spec.dora_all_or_none} is adapter-wide but {plain} layer(s) have no DoRA magnitude (e.g. {name} has one): "
                 "pass --base to give the plain layers the exact identity magnitude ‖W+ΔW‖, or --fold-dora"
             )
-        if to_format == "diffusers":
-            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in diffusers format (use --to peft, or --fold-dora)")
-        if to_format == "peft" and layer.magnitude_axis != "out":
-            raise LoraToolsError(
-                f"{name}: LyCORIS dora_scale {tuple(layer.magnitude.shape)} is per input column (wd_on_output=False); "
-                "PEFT DoRA has no such form: use --fold-dora --base CKPT to fold it into plain LoRA"
-            )
+        # the layer as it will be written (plain LoRA, same magnitude): does the target hold that magnitude?
+        probe = LoraLayer(down=torch.zeros(1, 1), up=torch.zeros(1, 1), magnitude=layer.magnitude,
+                          magnitude_axis=layer.magnitude_axis)
+        why = spec.refuse(name, probe)
+        if why:
+            raise LoraToolsError(f"{name}: {why}")
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -178,10 +182,9 @@ def fold_layer(layer: Layer, w: torch.Tensor, rule: RankRule) -> tuple[LoraLayer
     return lora_from_svd(u, s, vh, layer.shape, layer.dtype), energy, err, optimal
 
 
-def _move_magnitude(new: LoraLayer, old: Layer, w: torch.Tensor | None, to_format: str,
+def _move_magnitude(new: LoraLayer, old: Layer, w: torch.Tensor | None, target: str,
                     dtype: torch.dtype | None) -> bool:
-    """Carry ``old``'s magnitude to ``new`` in ``to_format``'s DoRA convention. Returns False if inexact."""
-    target = dora.LYCORIS if to_format == "kohya" else dora.PEFT
+    """Carry ``old``'s magnitude to ``new`` in the ``target`` DoRA convention. Returns False if inexact."""
     out_dtype = dtype or old.magnitude.dtype
     new.magnitude, new.magnitude_axis = old.magnitude, old.magnitude_axis
     new.meta["dora"] = old.meta.get("dora", dora.PEFT)
@@ -217,6 +220,8 @@ def convert_adapter(
     progress: Progress | None = None,
 ) -> tuple[Adapter, list[dict]]:
     """Plain-LoRA adapter for ``to_format`` and one report row per layer (see module docstring)."""
+    from loratools.formats import writer_of
+
     check_convertible(adapter, to_format, fold_dora, base)
     items = list(adapter.layers.items())
     layers: dict[str, Layer] = {}
@@ -224,7 +229,8 @@ def convert_adapter(
     inexact: list[str] = []
     dropped: list[str] = []
     mags = [la.magnitude is not None for la in adapter.layers.values()]
-    identity_dora = to_format == "peft" and not fold_dora and any(mags) and not all(mags)
+    target = writer_of(to_format)
+    identity_dora = target.dora_all_or_none and not fold_dora and any(mags) and not all(mags)
     for name, layer in (progress(items, len(items)) if progress else items):
         src_type = layer_type(layer)
         w = _base_weight(base, name) if layer.magnitude is not None else None
@@ -258,9 +264,8 @@ def convert_adapter(
             optimum = None if randomized else math_err
             row = LayerConversion(name, src_type, list(layer.shape), layer.rank, new.rank, energy, err, optimum, action)
             if layer.magnitude is not None:
-                target_conv = dora.LYCORIS if to_format == "kohya" else dora.PEFT
-                if dora.convention(layer) != target_conv or action != "copied":
-                    if not _move_magnitude(new, layer, w, to_format, dtype):
+                if dora.convention(layer) != target.dora or action != "copied":
+                    if not _move_magnitude(new, layer, w, target.dora, dtype):
                         inexact.append(name)
         if identity_dora and new.magnitude is None:
             _identity_magnitude(new, _base_weight(base, name), dtype)
@@ -306,19 +311,8 @@ def _config(adapter: Adapter) -> dict:
 
 
 def _metadata(adapter: Adapter, layers: dict[str, Layer]) -> dict[str, str]:
-    """kohya metadata of a LyCORIS file once its layers are plain LoRA: network module and algo updated."""
-    meta = dict(adapter.metadata)
-    if adapter.format != "lycoris":
-        return meta
-    has_dora = any(la.magnitude is not None for la in layers.values())
-    if not has_dora and "ss_network_module" in meta:
-        meta["ss_network_module"] = "networks.lora"
-    if "ss_network_args" in meta:
-        try:
-            args = json.loads(meta["ss_network_args"])
-        except json.JSONDecodeError:
-            args = None
-        if isinstance(args, dict) and "algo" in args:
-            args["algo"] = "lora"
-            meta["ss_network_args"] = json.dumps(args)
-    return meta
+    """The source's metadata, as its format describes plain-LoRA layers (LyCORIS: network module and algo)."""
+    from loratools.formats import get_format
+
+    plain = get_format(adapter.format).plain_lora_metadata if adapter.format else None
+    return plain(dict(adapter.metadata), layers) if plain else dict(adapter.metadata)

@@ -423,8 +423,6 @@ def extract(
     t0 = time.perf_counter()
     bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
     tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
-    if opt.save_full and opt.format == "kohya":
-        raise LoraToolsError("--save-full needs --format peft: kohya files have no place for full tensors")
     if opt.clamp_quantile is not None and not 0 < opt.clamp_quantile <= 1:
         raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
     device = resolve_device(opt.device)
@@ -500,18 +498,10 @@ def extract(
         )
     warnings = _tied_head_warning(bck, tck, layers)
     adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path),
-                      warnings=warnings)
-    if opt.format == "peft":
-        adapter.config = {
-            "peft_type": "LORA", "task_type": _peft_task_type(bck), "base_model_name_or_path": str(bck.path),
-            "modules_to_save": sorted(full_modules) or None,
-        }
-    else:
-        adapter.metadata = {
-            "ss_network_module": "networks.lora",
-            "ss_training_comment": f"extracted by loratools from {bck.path.name} and {tck.path.name} ({opt.rule.describe()})",
-            "ss_output_name": "extracted",
-        }
+                      warnings=warnings, provenance={
+                          "base_model": str(bck.path), "task_type": _peft_task_type(bck), "output_name": "extracted",
+                          "comment": f"extracted by loratools from {bck.path.name} and {tck.path.name} "
+                                     f"({opt.rule.describe()})"})
     energies = [r["retained_energy"] for r in rows]
     summary = {
         "base": str(bck.path), "tuned": str(tck.path), "format": opt.format, "rule": opt.rule.describe(),

@@ -42,8 +42,7 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.formats.common import mangle, split_component
-from loratools.formats.kohya import split_prefix
+from loratools.formats.naming import mangle, split_component, split_prefix
 from loratools.linalg import RankRule, factored_norm2, factored_svd, lora_from_svd, truncated_svd
 
 Progress = Callable[[Iterable, int], Iterable]

@@ -517,7 +517,6 @@ def test_bad_options_fail_cleanly(llama_pair, cli, tmp_path):
     root = llama_pair["root"]
     args = ["extract", "--base", root / "base", "--tuned", root / "tuned", "-o", tmp_path / "o"]
     cli.fails(*args, "--rank", "4", "--energy", "0.9", match="choose one rank rule")
-    cli.fails(*args, "--format", "kohya", "--save-full", "*norm", match="--save-full needs --format peft")
     cli.fails(*args, "--include", "nothing.*", match="no tensor left")
     cli.fails(*args, "--clamp-quantile", "1.5", match="clamp-quantile")
     if not torch.cuda.is_available():
@@ -605,3 +604,17 @@ def test_base_rounded_to_tuned_dtype_is_unchanged(tmp_path):
     reasons = {s["name"]: s["reason"] for s in res.skipped}
     assert reasons["model.layers.1.mlp.down_proj.weight"] == "unchanged (the base rounded to bfloat16)"
     assert reasons["model.norm.weight"] == "unchanged (the base rounded to bfloat16)"
+
+
+def test_save_full_in_a_kohya_file_round_trips_to_peft(llama_pair, cli, tmp_path):
+    """kohya files carry --save-full tensors under their PEFT keys (with a warning that kohya loaders skip them);
+    convert --to peft restores them as modules_to_save."""
+    root = llama_pair["root"]
+    res = cli.ok("extract", "--base", root / "base", "--tuned", root / "tuned", "-o", tmp_path / "k.safetensors",
+                 "--format", "kohya", "--save-full", "*norm", "--rank", "4")
+    assert "loaders ignore them" in res.stderr
+    cli.ok("convert", tmp_path / "k.safetensors", "--to", "peft", "-o", tmp_path / "p", "--base", root / "base")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert "model.norm" in cfg["modules_to_save"]
+    sd = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    assert torch.equal(sd["base_model.model.model.norm.weight"], llama_pair["tuned"].model.norm.weight.detach())

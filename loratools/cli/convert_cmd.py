@@ -62,10 +62,10 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     """
     from loratools.checkpoint import Checkpoint
     from loratools.convert import check_convertible, convert_adapter
-    from loratools.formats import check_output_name, load_adapter, save_adapter
+    from loratools.formats import check_output_name, load_adapter, output_is_folder, save_adapter
     from loratools.formats.common import check_output
 
-    out_path = check_output(out, force, [adapter, base], is_dir=to_format == "peft")
+    out_path = check_output(out, force, [adapter, base], is_dir=output_is_folder(to_format))
     check_output_name(to_format, out_path)
     if fold_dora and base is None:
         raise LoraToolsError("--fold-dora needs --base CKPT (the DoRA norm is taken over W + ΔW)")
@@ -76,8 +76,6 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     check_convertible(ad, to_format, fold_dora, ckpt)
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
                                 progress=lambda it, n: progress(it, n, "convert", quiet))
-    if component and to_format == "peft":
-        new.warnings.append(f"--component {component} has no effect on PEFT output (PEFT keys carry no pipeline component)")
     save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component,
                  force_component=bool(component))
     doc = {"input": str(adapter), "input_format": ad.format, "output": str(out_path), "format": to_format,

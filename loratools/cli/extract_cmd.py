@@ -8,6 +8,7 @@ import click
 from tabulate import tabulate
 
 from loratools.cli.common import (
+    FORMATS,
     clean_floats,
     dtype_option,
     echo_warnings,
@@ -48,7 +49,7 @@ def checkpoint_options(fn):
 @click.option("-o", "--output", "--out", "out", required=True, type=click.Path(), help="Output: PEFT folder or kohya .safetensors file.")
 @rank_rule_options
 @click.option("--conv-rank", type=int, default=None, help="Fixed rank for conv layers (default: the main rule).")
-@click.option("--to", "--format", "out_format", default="peft", type=click.Choice(["peft", "kohya"]), show_default=True,
+@click.option("--to", "--format", "out_format", default=FORMATS[0], type=click.Choice(FORMATS), show_default=True,
               help="Output format. --format is the older spelling.")
 @dtype_option
 @click.option("--exact", is_flag=True, help="Exact thin SVD for every layer instead of the randomized one.")
@@ -76,11 +77,11 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     energy Σσᵢ²/‖ΔW‖² and relative Frobenius error (the Eckart–Young optimum for that rank).
     """
     from loratools.extract import ExtractOptions, extract, output_size
-    from loratools.formats import check_output_name, save_adapter
+    from loratools.formats import check_output_name, output_is_folder, save_adapter
     from loratools.formats.common import check_output
     from loratools.linalg import RankRule
 
-    out_path = check_output(out, force, [base, tuned], is_dir=out_format == "peft")
+    out_path = check_output(out, force, [base, tuned], is_dir=output_is_folder(out_format))
     check_output_name(out_format, out_path)
     rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
     options = ExtractOptions(

@@ -72,13 +72,13 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
                   base, dtype, force, allow_nonfinite, as_json, quiet):
     from loratools.checkpoint import Checkpoint
     from loratools.device import resolve_device
-    from loratools.formats import check_output_name, load_adapter, save_adapter
+    from loratools.formats import check_output_name, load_adapter, output_is_folder, save_adapter
     from loratools.formats.common import check_output
     from loratools.merge import merge_adapters, parse_weighted_spec
 
     parsed = [parse_weighted_spec(s) for s in specs]
     out_path = check_output(out, force, [p for p, _ in parsed] + [base],
-                            is_dir=out_format == "peft" if out_format else None)
+                            is_dir=output_is_folder(out_format))
     dt = parse_dtype(dtype)
     dev = str(resolve_device(device))
     ckpt = Checkpoint(base) if base else None

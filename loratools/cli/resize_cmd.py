@@ -65,11 +65,11 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     Layers whose rank does not change are copied bit-exactly. Format and metadata are kept
     (kohya ss_network_dim/alpha and PEFT r/lora_alpha/rank_pattern are updated).
     """
-    from loratools.formats import check_output_name, load_adapter, save_adapter
+    from loratools.formats import check_output_name, load_adapter, output_is_folder, save_adapter
     from loratools.formats.common import check_output
     from loratools.resize import Prune, adapter_bytes, resize_adapter
 
-    out_path = check_output(out, force, [adapter, base], is_dir=to_format == "peft" if to_format else None)
+    out_path = check_output(out, force, [adapter, base], is_dir=output_is_folder(to_format))
     rule = make_rule(rank, energy, ratio, threshold, max_rank)
     conv_rule = make_conv_rule(conv_rank, max_rank)
     prune = Prune.parse(prune_below, prune_relative) if prune_below is not None else None

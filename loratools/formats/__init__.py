@@ -2,42 +2,65 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter, LoraLayer
+from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.formats import diffusers, kohya, lycoris, peft
-from loratools.formats.common import (
+from loratools.formats.common import adapter_file, file_keys
+from loratools.formats.naming import (
     adapter_component,
     check_single_component,
     mangle,
-    read_tensors,
     split_component,
-    take_extra_tensors,
+    split_prefix,
 )
+from loratools.formats.spec import AdapterFormat, WriteOptions
 
-FORMATS = ("peft", "kohya", "diffusers")
-#: formats written as one safetensors file (the others are folders)
-SINGLE_FILE_FORMATS = ("kohya", "diffusers", "lycoris")
+#: every format, in detection order (a new format is one module with a ``FORMAT`` and one entry here)
+REGISTRY: dict[str, AdapterFormat] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, lycoris.FORMAT)}
+#: formats that can be written (output choices)
+FORMATS = tuple(name for name, f in REGISTRY.items() if f.write is not None)
+#: formats that can be read (input choices, besides "auto")
+READ_FORMATS = tuple(REGISTRY)
+
+
+def get_format(name: str) -> AdapterFormat:
+    """The registered format ``name`` (one-line error listing the known ones otherwise)."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise LoraToolsError(f"unknown format {name!r}; expected one of {', '.join(REGISTRY)}") from None
+
+
+def writer_of(name: str) -> AdapterFormat:
+    """The format that writes adapters read as ``name`` (a read-only format names its writer in ``writes_as``)."""
+    spec = get_format(name)
+    return get_format(spec.writes_as) if spec.write is None and spec.writes_as else spec
+
+
+def output_is_folder(format: str | None) -> bool | None:
+    """Whether ``format`` writes a folder (None: the format is not known yet, e.g. "same as the input")."""
+    return None if format is None else writer_of(format).folder
 
 
 def check_output_name(format: str, out: str | Path) -> None:
     """Refuse, before any work, an output name the format's file cannot carry.
 
-    kohya / diffusers outputs are single safetensors files: a name ending in another suffix (``.bin``, ``.pt``,
+    Single-file formats write one safetensors file: a name ending in another suffix (``.bin``, ``.pt``,
     ``.ckpt``…) makes loaders take it for a pickle (ComfyUI, sd-webui and diffusers pick the reader by suffix).
     A name without any suffix is accepted (loratools recognises the file by its content).
     """
-    if format not in SINGLE_FILE_FORMATS:
+    spec = writer_of(format)
+    if spec.folder:
         return
     suffix = Path(out).suffix
     if suffix and suffix.lower() != ".safetensors":
         raise LoraToolsError(
-            f"{out}: a {format} adapter is a .safetensors file, but the output name ends in {suffix!r}; "
+            f"{out}: a {spec.name} adapter is a .safetensors file, but the output name ends in {suffix!r}; "
             "name it *.safetensors"
         )
 
@@ -53,45 +76,45 @@ def drop_empty_layers(adapter: Adapter, why: str = "") -> None:
     adapter.warnings.append(f"{len(empty)} layer(s) have rank 0{why} (e.g. {empty[0]}); dropped")
 
 
-def _classify(key: str) -> str:
-    if key.startswith("base_model.model."):
-        return "peft"
-    if diffusers.is_diffusers_key(key):
-        return "diffusers"
-    if kohya.is_kohya_key(key):
-        return "kohya"
-    return "unknown"
+def refusal(format: str, layers: dict[str, Layer]) -> str | None:
+    """The first reason ``format`` cannot hold one of ``layers`` (``"<name>: <why>"``), or None."""
+    spec = writer_of(format)
+    for name, layer in layers.items():
+        why = spec.refuse(name, layer)
+        if why:
+            return f"{name}: {why}"
+    return None
 
 
-def _adapter_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    cands = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if len(cands) == 1:
-        return cands[0]
-    if not cands:
-        raise LoraToolsError(f"{path}: no adapter found (no adapter_config.json, no .safetensors file)")
-    raise LoraToolsError(f"{path}: several weight files ({', '.join(c.name for c in cands[:4])}); name the file")
+def _claimants(key: str) -> list[str]:
+    return [name for name, f in REGISTRY.items() if f.claims is not None and f.claims(key)]
 
 
 def detect_format(path: Path, keys: list[str] | None = None) -> str:
-    """Format of an adapter path; raises with the offending keys on mixed or unknown layouts."""
-    if peft.detect(path):
-        return "peft"
+    """Format of an adapter path; raises with the offending keys on mixed or unknown layouts.
+
+    Folder formats answer from the path; for a single file, the format that claims every key wins (the higher
+    ``priority`` where several do); a key no format claims, or keys only different formats claim, is an error.
+    """
+    for name, f in REGISTRY.items():
+        if f.detect is not None and f.detect(path):
+            return name
     if keys is None:
-        tensors, metadata = read_tensors(_adapter_file(path))
-        take_extra_tensors(tensors, metadata, path)
-        keys = list(tensors)
-    kinds = Counter(_classify(k) for k in keys)
+        keys = file_keys(adapter_file(path))
     if not keys:
         raise LoraToolsError(f"{path}: file holds no tensors")
-    if kinds.get("unknown"):
-        first = next(k for k in keys if _classify(k) == "unknown")
-        raise LoraToolsError(f"{path}: unknown key layout: {first!r} ({kinds['unknown']} key(s) not recognised)")
-    if len(kinds) > 1:
-        examples = "; ".join(f"{n} {k} key(s), e.g. {next(x for x in keys if _classify(x) == k)!r}" for k, n in kinds.items())
-        raise LoraToolsError(f"{path}: mixed key conventions in one file: {examples}")
-    return next(iter(kinds))
+    claims = {k: set(_claimants(k)) for k in keys}
+    unknown = [k for k, c in claims.items() if not c]
+    if unknown:
+        raise LoraToolsError(f"{path}: unknown key layout: {unknown[0]!r} ({len(unknown)} key(s) not recognised)")
+    common = set.intersection(*claims.values())
+    if common:
+        return max(common, key=lambda n: REGISTRY[n].priority)
+    groups: dict[str, list[str]] = {}
+    for k, c in claims.items():
+        groups.setdefault(max(c, key=lambda n: REGISTRY[n].priority), []).append(k)
+    examples = "; ".join(f"{len(ks)} {n} key(s), e.g. {ks[0]!r}" for n, ks in groups.items())
+    raise LoraToolsError(f"{path}: mixed key conventions in one file: {examples}")
 
 
 def load_adapter(
@@ -104,21 +127,16 @@ def load_adapter(
     path = Path(path)
     if not path.exists():
         raise LoraToolsError(f"{path}: no such file or folder")
-    if format not in (None, "auto") and format not in FORMATS:
-        raise LoraToolsError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     if format in (None, "auto"):
         format = detect_format(path)
-    if format == "peft":
-        if not peft.detect(path):
-            raise LoraToolsError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
-        adapter = peft.read(path)
-    else:
-        f = _adapter_file(path)
-        tensors, metadata = read_tensors(f)
-        extra = take_extra_tensors(tensors, metadata, f)
-        reader = kohya if format == "kohya" else diffusers
-        adapter = reader.read_tensors_map(tensors, metadata, str(f))
-        adapter.extra_tensors = extra
+    spec = get_format(format)
+    if spec.detect is not None and not spec.detect(path):
+        raise LoraToolsError(f"{path}: not a {spec.name} adapter ({spec.summary})")
+    if spec.detect is None:
+        found = detect_format(path)
+        if found != format and writer_of(found).name == format:  # a variant the named format's files may hold
+            spec = get_format(found)
+    adapter = spec.read(path)
     adapter.check_finite(allow_nonfinite)
     if base is not None:
         ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
@@ -147,7 +165,7 @@ def resolve_names(adapter: Adapter, base: Checkpoint) -> list[str]:
                 unmatched.append(name)
             renamed[name] = layer
             continue
-        tail = kohya.split_prefix(stem)[1]
+        tail = split_prefix(stem)[1]
         cands = by_mangled.get(tail) or by_mangled.get(stem) or [
             m for mm, ms in by_mangled.items() for m in ms if mm.endswith("_" + tail) or tail.endswith("_" + mm)
         ]
@@ -183,22 +201,18 @@ def save_adapter(
     force_component: bool = False,
 ) -> None:
     """Write ``adapter`` in ``format`` atomically (temp file/folder + rename). ``component`` is the pipeline
-    component (``unet``, ``transformer``, …) of layers whose names carry none, for kohya and diffusers output
-    (default: :func:`~loratools.formats.common.adapter_component`'s guess, else unet); with ``force_component``
+    component (``unet``, ``transformer``, …) of layers whose names carry none, for formats that name components
+    (default: :func:`~loratools.formats.naming.adapter_component`'s guess, else unet); with ``force_component``
     it is every layer's component (the user's ``--component``; refused for a multi-component adapter)."""
     out = Path(out)
-    check_output_name(format, out)
+    spec = writer_of(format)
+    check_output_name(spec.name, out)
     drop_empty_layers(adapter)
+    why = refusal(spec.name, adapter.layers)
+    if why:
+        raise LoraToolsError(why)
     if force_component and component:
         check_single_component(adapter, component)
-    component = component or adapter_component(adapter.layers)
-    if format == "lycoris":  # LyCORIS files are kohya-layout files: LoRA layers (+ dora_scale) go back as kohya
-        format = "kohya"
-    if format == "peft":
-        peft.write(adapter, out, force, dtype)
-    elif format == "kohya":
-        kohya.write(adapter, out, force, dtype, kohya_prefix, component, force_component)
-    elif format == "diffusers":
-        diffusers.write(adapter, out, force, dtype, component, force_component)
-    else:
-        raise LoraToolsError(f"unknown output format {format!r}; expected one of {', '.join(FORMATS)}")
+    options = WriteOptions(dtype=dtype, kohya_prefix=kohya_prefix, component=component or adapter_component(adapter.layers),
+                           force_component=force_component)
+    spec.write(adapter, out, force, options)

@@ -13,22 +13,23 @@ from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter, LoraLayer
+from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.formats.common import (
-    COMPONENTS,
     atomic_path,
+    check_resolved,
     embed_extra_tensors,
     embed_peft_config,
     embedding_metadata,
-    layer_component,
     lora_from_parts,
     note_zero_alphas,
+    read_single_file,
     save_safetensors,
-    split_component,
     take_embedding_marks,
     take_peft_config,
 )
+from loratools.formats.naming import COMPONENTS, layer_component, split_component
+from loratools.formats.spec import AdapterFormat, WriteOptions
 
 _KEY = re.compile(
     r"^(?P<mod>.+?)\.(?:lora\.(?P<du>down|up)\.weight|(?P<ab>lora_A|lora_B)\.weight|(?P<alpha>alpha))$"
@@ -68,20 +69,12 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     return adapter
 
 
-def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
-          component: str | None = None, force_component: bool = False) -> None:
-    if not adapter.resolved:
-        raise LoraToolsError(
-            f"layer names are kohya-mangled (e.g. {next(iter(adapter.layers))}) and could not be resolved to module paths; "
-            "pass --base CKPT (the model the adapter was trained on) to resolve them"
-        )
+def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
+    dtype, component, force_component = options.dtype, options.component, options.force_component
+    check_resolved(adapter)
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
     for name, layer in adapter.layers.items():
-        if not isinstance(layer, LoraLayer):
-            raise LoraToolsError(f"{name}: {layer.kind} layers have no diffusers LoRA form; convert them to LoRA first")
-        if layer.magnitude is not None:
-            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in diffusers format (use --to peft)")
         stem = f"{layer_component(name, layer, component, force_component)}.{split_component(name)[1]}"
         if layer.embedding:
             embeddings.append(stem)
@@ -96,3 +89,18 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
     with atomic_path(out, force, is_dir=False) as tmp:
         save_safetensors(tensors, tmp, {**embed_peft_config(adapter, adapter.metadata), **embedding_metadata(embeddings),
                                         **extra_meta})
+
+
+def refuse(name: str, layer: Layer) -> str | None:
+    if not isinstance(layer, LoraLayer):
+        return f"{layer.kind} layers have no diffusers LoRA form; convert them to LoRA first"
+    if layer.magnitude is not None:
+        return "DoRA magnitudes cannot be written in diffusers format (use --to peft, or --fold-dora)"
+    return None
+
+
+FORMAT = AdapterFormat(
+    name="diffusers", summary="diffusers single .safetensors (<component>.<module>.lora_A/B.weight)",
+    folder=False, read=lambda path: read_single_file(path, read_tensors_map), write=write, claims=is_diffusers_key,
+    refuse=refuse,
+)

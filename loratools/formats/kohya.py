@@ -19,54 +19,35 @@ import torch
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.formats.common import (
-    COMPONENT_PREFIX,
-    KOHYA_PREFIXES,
     atomic_path,
     embed_extra_tensors,
     embed_peft_config,
     embedding_metadata,
-    layer_component,
     lora_from_parts,
-    mangle,
     note_zero_alphas,
+    read_single_file,
     save_safetensors,
-    split_component,
     take_embedding_marks,
     take_peft_config,
 )
+from loratools.formats.naming import (
+    COMPONENT_PREFIX,
+    layer_component,
+    mangle,
+    split_component,
+    split_prefix,
+    tag_stem,
+)
+from loratools.formats.spec import AdapterFormat, WriteOptions
 
 LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", "diff", "dora_scale", "diff_b", "scalar")
-#: the prefix LyCORIS's own ``LycorisNetwork`` gives its module names (no pipeline component)
-LYCORIS_PREFIX = "lycoris_"
-
-
-def split_prefix(stem: str) -> tuple[str | None, str]:
-    """``lora_te2_text_model_x`` → (``lora_te2_``, ``text_model_x``); longest known prefix wins."""
-    for prefix in sorted([*KOHYA_PREFIXES, LYCORIS_PREFIX], key=len, reverse=True):
-        if stem.startswith(prefix):
-            return prefix, stem[len(prefix):]
-    return None, stem
-
-
-def tag_stem(layer: Layer, stem: str) -> Layer:
-    """Record a layer's on-disk stem and its pipeline component (from the prefix) for resolution and writing."""
-    prefix, _ = split_prefix(stem)
-    layer.meta["kohya_stem"] = stem
-    layer.meta["component"] = KOHYA_PREFIXES.get(prefix) if prefix else None
-    return layer
-
-
 def is_kohya_key(key: str) -> bool:
+    """A plain kohya LoRA key: ``<stem>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (no dot in the stem)."""
     stem, _, suffix = key.partition(".")
-    return bool(stem) and "." not in stem and (suffix in LORA_SUFFIXES or suffix.startswith(LYCORIS_MARKERS))
+    return bool(stem) and "." not in stem and suffix in LORA_SUFFIXES
 
 
 def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
-    if any(key.partition(".")[2].startswith(LYCORIS_MARKERS) for key in tensors):
-        from loratools.formats import lycoris  # LoHa / LoKr / Tucker / full / DoRA: the LyCORIS reader
-
-        return lycoris.read_tensors_map(tensors, metadata, source)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         stem, _, suffix = key.partition(".")
@@ -134,13 +115,12 @@ def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None, co
     return (prefix or COMPONENT_PREFIX.get(owner, "lora_unet_")) + mangle(split_component(name)[1])
 
 
-def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None,
-          prefix: str | None = None, component: str | None = None, force_component: bool = False) -> None:
+def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
+    dtype, prefix, component, force_component = (options.dtype, options.kohya_prefix, options.component,
+                                                  options.force_component)
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
     for name, layer in adapter.layers.items():
-        if not isinstance(layer, LoraLayer):
-            raise LoraToolsError(f"{name}: {layer.kind} layers have no kohya LoRA form; convert them to LoRA first")
         stem = stem_for(name, layer, adapter.resolved, prefix, component, force_component)
         if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
             mag = layer.magnitude.reshape(-1)
@@ -171,6 +151,9 @@ def build_metadata(adapter: Adapter) -> dict[str, str]:
     linear = [la for la in adapter.layers.values() if not la.is_conv]
     conv = [la for la in adapter.layers.values() if la.is_conv]
     meta.setdefault("ss_network_module", "networks.lora")
+    for key, field in (("ss_training_comment", "comment"), ("ss_output_name", "output_name")):
+        if adapter.provenance.get(field):
+            meta.setdefault(key, str(adapter.provenance[field]))
     for layers, dim_key, alpha_key in ((linear, "ss_network_dim", "ss_network_alpha"),):
         if not layers:
             continue
@@ -213,3 +196,16 @@ def _differs(old: str | None, new: str, present: set[float]) -> bool:
         return float(old) != float(new)
     except ValueError:
         return True
+
+
+def refuse(name: str, layer: Layer) -> str | None:
+    if not isinstance(layer, LoraLayer):
+        return f"{layer.kind} layers have no kohya LoRA form; convert them to LoRA first"
+    return None
+
+
+FORMAT = AdapterFormat(
+    name="kohya", summary="kohya / sd-scripts single .safetensors (lora_unet_… stems, .alpha; LoCon; dora_scale)",
+    folder=False, read=lambda path: read_single_file(path, read_tensors_map), write=write, claims=is_kohya_key,
+    refuse=refuse, dora="lycoris", priority=1,
+)

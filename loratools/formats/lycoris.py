@@ -22,6 +22,7 @@ per input column. LyCORIS's forward is ``W' = (W + ΔW)·m / (‖W + ΔW‖ + ep
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -32,10 +33,13 @@ from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     check_factor,
     note_zero_alphas,
+    read_single_file,
     stored_alpha,
     take_embedding_marks,
     take_peft_config,
 )
+from loratools.formats.naming import tag_stem
+from loratools.formats.spec import AdapterFormat
 from loratools.layers import LohaLayer, LokrLayer, TuckerLoraLayer
 
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -239,8 +243,6 @@ def build_layer(p: dict[str, torch.Tensor], where: str, peft: tuple[float, int] 
 
 def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> Adapter:
     """A LyCORIS / kohya single file with any mix of LoRA, LoCon, LoHa, LoKr, full and DoRA layers."""
-    from loratools.formats.kohya import tag_stem
-
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         stem, _, suffix = key.partition(".")
@@ -313,3 +315,32 @@ def peft_lycoris_layers(parts: dict[str, dict[str, torch.Tensor]], config: dict,
         layer.meta["peft_r"] = r
         layers[mod] = layer
     return layers
+
+
+def claims(key: str) -> bool:
+    """A kohya-layout key (``<stem>.<param>``, no dot in the stem) of any LoRA / LyCORIS parameter."""
+    stem, _, suffix = key.partition(".")
+    return bool(stem) and "." not in stem and is_lycoris_suffix(suffix)
+
+
+def plain_lora_metadata(meta: dict[str, str], layers: dict[str, Layer]) -> dict[str, str]:
+    """kohya metadata of a LyCORIS file once its layers are plain LoRA: network module and algo updated."""
+    has_dora = any(la.magnitude is not None for la in layers.values())
+    if not has_dora and "ss_network_module" in meta:
+        meta["ss_network_module"] = "networks.lora"
+    if "ss_network_args" in meta:
+        try:
+            args = json.loads(meta["ss_network_args"])
+        except json.JSONDecodeError:
+            args = None
+        if isinstance(args, dict) and "algo" in args:
+            args["algo"] = "lora"
+            meta["ss_network_args"] = json.dumps(args)
+    return meta
+
+
+FORMAT = AdapterFormat(
+    name="lycoris", summary="LyCORIS single file (LoHa, LoKr, LoCon, Tucker, full, DoRA; kohya-layout keys)",
+    folder=False, read=lambda path: read_single_file(path, read_tensors_map), claims=claims, writes_as="kohya",
+    plain_lora_metadata=plain_lora_metadata,
+)

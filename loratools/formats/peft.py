@@ -17,17 +17,19 @@ from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter, LoraLayer
+from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     GENERATED_KEY,
     PEFT_CONFIG_KEY,
     atomic_path,
     check_factor,
+    check_resolved,
     json_dumps,
     read_tensors,
     save_safetensors,
 )
+from loratools.formats.spec import AdapterFormat, WriteOptions
 
 PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -275,6 +277,9 @@ def build_config(adapter: Adapter) -> tuple[dict, bool]:
         use_rslora=rs,
         use_dora=any(dora),
     )
+    if not source:
+        config.update(task_type=adapter.provenance.get("task_type"),
+                      base_model_name_or_path=adapter.provenance.get("base_model"))
     if not (source and all(_targets(source, n) for n in layers)):
         config["target_modules"] = sorted(layers)
     if adapter.extra_tensors and not source and not config.get("modules_to_save"):
@@ -284,20 +289,14 @@ def build_config(adapter: Adapter) -> tuple[dict, bool]:
     return config, True
 
 
-def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype | None = None) -> None:
-    if not adapter.resolved:
-        raise LoraToolsError(
-            f"layer names are kohya-mangled (e.g. {next(iter(adapter.layers))}) and could not be resolved to module paths; "
-            "pass --base CKPT (the model the adapter was trained on) to resolve them"
-        )
+def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
+    dtype = options.dtype
+    check_resolved(adapter)
+    if options.force_component and options.component:
+        adapter.warnings.append(f"--component {options.component} has no effect on PEFT output (PEFT keys carry no "
+                                "pipeline component)")
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter.layers.items():
-        if not isinstance(layer, LoraLayer):
-            raise LoraToolsError(f"{name}: {layer.kind} layers have no PEFT LoRA form; convert them to LoRA first")
-        if layer.magnitude is not None and layer.magnitude_axis != "out":
-            raise LoraToolsError(
-                f"{name}: DoRA magnitude is per input column; PEFT has no such form (use --fold-dora)"
-            )
 
         def cast(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if dtype is not None else t
@@ -320,3 +319,18 @@ def write(adapter: Adapter, out: Path, force: bool = False, dtype: torch.dtype |
     with atomic_path(out, force, is_dir=True) as tmp:
         save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata)
         (tmp / "adapter_config.json").write_text(json_dumps(config) + "\n")
+
+
+def refuse(name: str, layer: Layer) -> str | None:
+    if not isinstance(layer, LoraLayer):
+        return f"{layer.kind} layers have no PEFT LoRA form; convert them to LoRA first"
+    if layer.magnitude is not None and layer.magnitude_axis != "out":
+        return (f"LyCORIS dora_scale {tuple(layer.magnitude.shape)} is per input column (wd_on_output=False); PEFT DoRA "
+                "has no such form: use --fold-dora --base CKPT to fold it into plain LoRA")
+    return None
+
+
+FORMAT = AdapterFormat(
+    name="peft", summary="PEFT folder (adapter_config.json + adapter_model.safetensors)", folder=True, read=read,
+    write=write, detect=detect, claims=lambda key: key.startswith(PREFIX), refuse=refuse, dora="peft", dora_all_or_none="PEFT's use_dora",
+)
