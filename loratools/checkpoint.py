@@ -12,13 +12,16 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 
 from loratools.errors import LoraToolsError
+from loratools.families.base import split_component
 
 SAFE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 BIN_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "model.bin", "model.pt")
@@ -121,6 +124,40 @@ def _refusal_reason(exc: BaseException) -> str:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class ModuleRef:
+    """Where a module's weight lives in a checkpoint: tensor ``key``, its row slice ``rows`` (fused projections:
+    OpenCLIP ``in_proj`` holds q, k, v), ``transpose`` where the tensor stores the weight transposed."""
+
+    key: str
+    rows: tuple[int, int] | None = None
+    transpose: bool = False
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The module's weight out of the whole stored tensor."""
+        if self.rows is not None:
+            tensor = tensor[self.rows[0] : self.rows[1]]
+        return tensor.T if self.transpose else tensor
+
+
+class _Shapes(Mapping):
+    """A checkpoint's keys, each mapped to an object with the tensor's ``.shape`` (read lazily from the header)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+
+    def __getitem__(self, key: str):
+        if key not in self.ckpt:
+            raise KeyError(key)
+        return SimpleNamespace(shape=self.ckpt.shape(key))
+
+    def __iter__(self):
+        return iter(self.ckpt.keys())
+
+    def __len__(self) -> int:
+        return len(self.ckpt.keys())
 
 
 class Checkpoint:
@@ -237,6 +274,58 @@ class Checkpoint:
         return {}
 
     # ------------------------------------------------------------------ module view
+    def family(self) -> tuple[str, str] | None:
+        """``(family, layout)`` of a known model family (Stable Diffusion single files…), or None."""
+        if not hasattr(self, "_family"):
+            from loratools.families import detect_family
+
+            self._family = detect_family(_Shapes(self))
+        return self._family
+
+    def naming(self):
+        """The family's name maps built from this checkpoint's keys (original single-file layouts), or None."""
+        if not hasattr(self, "_naming"):
+            from loratools.families import naming_for
+
+            fam = self.family()
+            self._naming = naming_for(fam[0], _Shapes(self)) if fam and fam[1] != "diffusers" else None
+        return self._naming
+
+    def module_refs(self) -> dict[str, ModuleRef]:
+        """{module name → where its weight lives}: canonical names (``unet.down_blocks…``) with row slices of fused
+        tensors (OpenCLIP ``in_proj``) for a family's original layout, else every 2-D+ ``*.weight`` by its path."""
+        if not hasattr(self, "_refs"):
+            nm = self.naming()
+            if nm is not None:
+                self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose)
+                              for m in nm.modules if m.weight_key in self._where}
+            else:
+                self._refs = {name: ModuleRef(key) for name, key in self.modules().items()}
+        return self._refs
+
+    def module_ref(self, name: str) -> ModuleRef | None:
+        """Where module ``name`` (with or without its pipeline component) lives, or None."""
+        refs = self.module_refs()
+        return refs.get(name) or refs.get(split_component(name)[1])
+
+    def module_shape(self, name: str) -> tuple[int, ...]:
+        ref = self._ref(name)
+        shape = self.shape(ref.key)
+        if ref.rows is not None:
+            shape = (ref.rows[1] - ref.rows[0], *shape[1:])
+        return tuple(reversed(shape)) if ref.transpose else tuple(shape)
+
+    def module_weight(self, name: str) -> torch.Tensor:
+        """The weight of module ``name`` (its rows of a fused tensor, transposed back where stored transposed)."""
+        ref = self._ref(name)
+        return ref.take(self.get(ref.key))
+
+    def _ref(self, name: str) -> ModuleRef:
+        ref = self.module_ref(name)
+        if ref is None:
+            raise LoraToolsError(f"{name}: no weight for this module in the base checkpoint {self.path}")
+        return ref
+
     def modules(self) -> dict[str, str]:
         """{module path → weight key} for every ``*.weight`` tensor of 2 or more dimensions."""
         out = {}

@@ -32,4 +32,14 @@ def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | 
     return sd.detect(keys)
 
 
-__all__ = ["FAMILIES", "LAYOUTS", "ModuleMap", "detect_family", "get_family", "sd"]
+def naming_for(family: str, keys: Iterable[str] | Mapping[str, Any] | None = None):
+    """Name maps of ``family`` (its default structure, or the structure of a checkpoint's keys)."""
+    return get_family(family).naming(keys)
+
+
+def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
+    """``(family, convention)`` of an adapter's module names or keys, or None if no family knows them."""
+    return sd.detect_adapter(names)
+
+
+__all__ = ["FAMILIES", "LAYOUTS", "detect_adapter", "naming_for", "ModuleMap", "detect_family", "get_family", "sd"]

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: diffusers pipeline components a module path may start with
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+
+
+def split_component(name: str) -> tuple[str | None, str]:
+    """``unet.down_blocks.0…`` → (``unet``, ``down_blocks.0…``); (None, name) without a component."""
+    head, _, rest = name.partition(".")
+    if head in COMPONENTS and rest:
+        return head, rest
+    return None, name
+
+
 # Layouts of a full checkpoint's key set, as returned by ``detect``.
 LAYOUTS = ("original", "original_unprefixed", "diffusers")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from loratools.errors import LoraToolsError
+from loratools.families.base import COMPONENTS, split_component  # noqa: F401  (re-exported)
 
 #: kohya prefix → diffusers pipeline component
 KOHYA_PREFIXES = {
@@ -21,7 +22,6 @@ KOHYA_PREFIXES = {
 }
 COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
                     "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 #: the prefix LyCORIS's own ``LycorisNetwork`` gives its module names (no pipeline component)
 LYCORIS_PREFIX = "lycoris_"
 
@@ -78,11 +78,5 @@ def check_single_component(adapter, component: str) -> None:
             "it can only re-home a single-component adapter"
         )
 
-
-def split_component(name: str) -> tuple[str | None, str]:
-    head, _, rest = name.partition(".")
-    if head in COMPONENTS and rest:
-        return head, rest
-    return None, name
 
 
