@@ -205,6 +205,8 @@ class Adapter:
     #: where the adapter came from, for writers to describe in their own metadata: ``base_model`` (path or name),
     #: ``task_type`` (PEFT task), ``comment``, ``output_name``, ``family`` (model family, e.g. sdxl)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: the model family whose canonical names the layers carry (``sd15``, ``sdxl``…; see loratools.families), if any
+    family: str | None = None
 
     @property
     def num_params(self) -> int:

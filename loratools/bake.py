@@ -27,10 +27,10 @@ import torch
 
 from loratools import dora
 from loratools.adapter import Adapter, Layer
-from loratools.checkpoint import Checkpoint, is_safetensors, open_safetensors, safe_load_pickle
+from loratools.checkpoint import Checkpoint, ModuleRef, is_safetensors, open_safetensors, safe_load_pickle
 from loratools.errors import LoraToolsError
 from loratools.formats import load_adapter
-from loratools.formats.common import atomic_path, check_output, save_safetensors, split_component
+from loratools.formats.common import atomic_path, check_output, save_safetensors
 
 Progress = Callable[[Iterable, int], Iterable]
 #: weight files of any framework: bake writes only the ones it read and baked
@@ -38,10 +38,13 @@ OTHER_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
-def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: list[str]) -> dict[str, list[tuple[Layer, float]]]:
-    """{base weight key → [(layer, weight), ...]}; refuses anything that would not apply cleanly."""
-    modules = ckpt.modules()
-    plan: dict[str, list[tuple[Layer, float]]] = {}
+Plan = dict[str, list[tuple[Layer, float, ModuleRef]]]
+
+
+def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: list[str]) -> Plan:
+    """{base tensor key → [(layer, weight, where in the tensor), ...]}; refuses anything that would not apply
+    cleanly. A module stored in rows of a fused tensor (OpenCLIP ``in_proj``) patches those rows only."""
+    plan: Plan = {}
     for (ad, w), label in zip(adapters, labels):
         if ad.extra_tensors:
             raise LoraToolsError(
@@ -49,43 +52,48 @@ def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: l
                 f"(e.g. {next(iter(ad.extra_tensors))}); bake applies LoRA deltas only, refusing rather than dropping them"
             )
         for name, layer in ad.layers.items():
-            key = modules.get(split_component(name)[1]) or modules.get(name)
-            if key is None:
+            ref = ckpt.module_ref(name)
+            if ref is None:
                 hint = " (kohya names that did not resolve)" if layer.meta.get("kohya_stem") == name else ""
                 raise LoraToolsError(f"{label}: layer {name}{hint} matches no weight of base {ckpt.path}")
-            shape = tuple(ckpt.shape(key))
+            shape = ckpt.module_shape(name)
             if shape != tuple(layer.shape):
                 raise LoraToolsError(
-                    f"{label}: layer {name} has shape {'×'.join(map(str, layer.shape))} but base {key} is "
+                    f"{label}: layer {name} has shape {'×'.join(map(str, layer.shape))} but base {ref.key} is "
                     f"{'×'.join(map(str, shape))}; adapter for another base model?"
                 )
             if layer.magnitude is not None:
                 if getattr(layer, "embedding", False):
                     raise LoraToolsError(f"{label}: DoRA on embedding {name} is not supported by bake; "
                                          "refusing rather than guessing its normalisation")
-            plan.setdefault(key, []).append((layer, w))
+            plan.setdefault(ref.key, []).append((layer, w, ref))
     return plan
 
 
-def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float]]) -> torch.Tensor:
-    """``weight`` with each (layer, w) applied in order (DoRA layers renormalise; see module doc)."""
+def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float, ModuleRef]]) -> torch.Tensor:
+    """``weight`` with each (layer, w) applied in order to its module's part of the tensor (DoRA layers
+    renormalise; see module doc)."""
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    current = weight.to(work)
-    for layer, w in items:
-        left, right = layer.factors(work)
-        delta = (left @ right.T).reshape(weight.shape)
-        if layer.magnitude is None:
-            current = current + w * delta
-            continue
-        axis, mag = layer.magnitude_axis, layer.magnitude.to(work).reshape(-1)
-        if dora.convention(layer) == dora.LYCORIS:
-            v = current + delta
-            s = w * (mag / (dora.norms(v, axis) + dora.layer_eps(layer)) - 1) + 1
-        else:
-            v = current + w * delta
-            s = mag / dora.norms(v, axis)
-        current = v * dora.broadcast(s, tuple(v.shape), axis)
+    current = weight.to(work, copy=True)
+    for layer, w, ref in items:
+        ref.put(current, apply_layer(ref.take(current), layer, w))
     return current
+
+
+def apply_layer(current: torch.Tensor, layer: Layer, w: float) -> torch.Tensor:
+    """One module's weight with ``w``·ΔW of ``layer`` applied (DoRA: the source library's formula)."""
+    left, right = layer.factors(current.dtype)
+    delta = (left @ right.T).reshape(current.shape)
+    if layer.magnitude is None:
+        return current + w * delta
+    axis, mag = layer.magnitude_axis, layer.magnitude.to(current.dtype).reshape(-1)
+    if dora.convention(layer) == dora.LYCORIS:
+        v = current + delta
+        s = w * (mag / (dora.norms(v, axis) + dora.layer_eps(layer)) - 1) + 1
+    else:
+        v = current + w * delta
+        s = mag / dora.norms(v, axis)
+    return v * dora.broadcast(s, tuple(v.shape), axis)
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], list[str]]:

@@ -141,6 +141,10 @@ class ModuleRef:
             tensor = tensor[self.rows[0] : self.rows[1]]
         return tensor.T if self.transpose else tensor
 
+    def put(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """Write the module's weight ``value`` back into the whole stored ``tensor`` (in place)."""
+        self.take(tensor).copy_(value)
+
 
 class _Shapes(Mapping):
     """A checkpoint's keys, each mapped to an object with the tensor's ``.shape`` (read lazily from the header)."""

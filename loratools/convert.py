@@ -66,13 +66,7 @@ class LayerConversion:
 def _base_weight(base: Checkpoint | None, name: str) -> torch.Tensor | None:
     if base is None:
         return None
-    from loratools.formats.naming import split_component
-
-    modules = base.modules()
-    key = modules.get(split_component(name)[1]) or modules.get(name)
-    if key is None:
-        raise LoraToolsError(f"{name}: no weight for this module in the base checkpoint {base.path}")
-    return base.get(key)
+    return base.module_weight(name)
 
 
 def check_convertible(adapter: Adapter, to_format: str, fold_dora: bool, base: Checkpoint | None) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from loratools.checkpoint import Checkpoint
 from loratools.formats import load_adapter
-from loratools.formats.common import split_component
 from loratools.stats import adapter_summary, layer_report
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -24,20 +23,19 @@ def inspect_adapter(
     """``{"format", "layers": [row...], "summary": {...}}`` — see :func:`loratools.stats.layer_report`."""
     ckpt = Checkpoint(base) if base else None
     adapter = load_adapter(path, format=format, base=ckpt, allow_nonfinite=allow_nonfinite)
-    modules = ckpt.modules() if ckpt else {}
     items = list(adapter.layers.items())
     rows = []
     unmatched = []
     for name, layer in (progress(items, len(items)) if progress else items):
         base_norm = None
         if ckpt is not None:
-            key = modules.get(split_component(name)[1]) or modules.get(name)
-            if key is None:
+            ref = ckpt.module_ref(name)
+            if ref is None:
                 unmatched.append(name)
             else:
-                w = ckpt.get(key)
+                w = ckpt.module_weight(name)
                 if tuple(w.shape) != tuple(layer.shape):
-                    adapter.warnings.append(f"{name}: adapter shape {tuple(layer.shape)} != base {key} {tuple(w.shape)}")
+                    adapter.warnings.append(f"{name}: adapter shape {tuple(layer.shape)} != base {ref.key} {tuple(w.shape)}")
                 base_norm = float(w.float().norm())
         rows.append(layer_report(name, layer, base_norm))
     summary = adapter_summary(adapter, rows)

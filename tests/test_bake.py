@@ -108,18 +108,20 @@ def test_bake_single_file_conv(samples, tmp_path, cli):
     ad = load_adapter(samples / "locon.safetensors", base=base)
     assert set(new.keys()) == set(base.keys())
     for name, layer in ad.layers.items():
-        expect = base.get(name + ".weight").double() + 0.8 * layer.delta(torch.float64)
-        assert torch.allclose(new.get(name + ".weight").double(), expect, atol=1e-6)
+        key = base.module_ref(name).key  # canonical unet.<path> → the file's <path>.weight
+        expect = base.get(key).double() + 0.8 * layer.delta(torch.float64)
+        assert torch.allclose(new.get(key).double(), expect, atol=1e-6)
     with safe_open(str(out), "pt") as f, safe_open(str(samples / "unet_base.safetensors"), "pt") as g:
         assert f.metadata() == g.metadata()
 
 
 def test_bake_bad_inputs(samples, tmp_path, cli):
     out = tmp_path / "o"
-    cli.fails("bake", "--base", samples / "base", samples / "locon.safetensors", "-o", out, match="matches no weight")
+    cli.fails("bake", "--base", samples / "base", samples / "locon.safetensors", "-o", out,
+              match="none of its 10 layer(s) matches a module of the base")
     cli.fails("bake", "--base", samples / "base", f"{samples / 'peft_lora'}:x", "-o", out, match="not a number")
     cli.fails("bake", "--base", samples / "unet_base.safetensors", samples / "peft_lora", "-o", out,
-              match="matches no weight")
+              match="(a sd15 checkpoint, diffusers layout)")
     cli.fails("bake", "--base", samples / "nope", samples / "peft_lora", "-o", out, match="no such file")
     assert not out.exists()
     # shape conflict: the tiny_llama model has other shapes than samples/base

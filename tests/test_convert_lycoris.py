@@ -175,12 +175,12 @@ def test_reported_error_includes_fp16_storage(tmp_path, cli):
     res = cli.ok("convert", SAMPLES / "lycoris.safetensors", "--to", "kohya", "-o", tmp_path / "k.safetensors",
                  "--base", SAMPLES / "unet_base.safetensors", "--json")
     rows = {r["name"]: r for r in _json.loads(res.stdout)["per_layer"]}
-    loha = rows["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    loha = rows["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
     assert loha["action"] == "exact" and loha["optimal_error"] == 0
     assert 1e-5 < loha["relative_error"] < 1e-3
     ad = load_adapter(tmp_path / "k.safetensors", base=SAMPLES / "unet_base.safetensors")
     src = load_adapter(SAMPLES / "lycoris.safetensors", base=SAMPLES / "unet_base.safetensors")
-    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     ref = src.layers[name].delta(torch.float64)
     got = ad.layers[name].delta(torch.float64)
     assert float((got - ref).norm() / ref.norm()) == pytest.approx(loha["relative_error"], rel=1e-3)

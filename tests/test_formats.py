@@ -92,9 +92,10 @@ def test_round_trip_bit_exact(cli, tmp_path, src, via):
 
 def test_kohya_conv_locon_layers(samples):
     ad = load_adapter(samples / "locon.safetensors", base=samples / "unet_base.safetensors")
-    conv = ad.layers["down_blocks.0.resnets.0.conv1"]
+    assert ad.family == "sd15"  # SD UNet stems: canonical names carry their pipeline component
+    conv = ad.layers["unet.down_blocks.0.resnets.0.conv1"]
     assert conv.is_conv and conv.shape == (32, 32, 3, 3) and conv.rank == 4 and conv.scale == 0.5
-    assert ad.layers["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"].shape == (32, 32)
+    assert ad.layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"].shape == (32, 32)
 
 
 def test_kohya_missing_alpha_means_scale_one(tmp_path):

@@ -11,13 +11,8 @@ from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.formats import diffusers, kohya, lycoris, peft
 from loratools.formats.common import adapter_file, file_keys
-from loratools.formats.naming import (
-    adapter_component,
-    check_single_component,
-    mangle,
-    split_component,
-    split_prefix,
-)
+from loratools.formats.naming import adapter_component, check_single_component
+from loratools.formats.resolve import resolve, resolve_names  # noqa: F401  (resolve_names: public API)
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 #: every format, in detection order (a new format is one module with a ``FORMAT`` and one entry here)
@@ -122,8 +117,11 @@ def load_adapter(
     format: str | None = None,
     base: Checkpoint | str | Path | None = None,
     allow_nonfinite: bool = False,
+    family: str | None = None,
 ) -> Adapter:
-    """Read an adapter into the canonical model; resolve its names against ``base`` if given."""
+    """Read an adapter into the canonical model; name its layers canonically where a model family knows their
+    convention (``family``: a family name, or None/"auto" to detect), and resolve them against ``base`` if given
+    (see :mod:`loratools.formats.resolve`)."""
     path = Path(path)
     if not path.exists():
         raise LoraToolsError(f"{path}: no such file or folder")
@@ -138,56 +136,11 @@ def load_adapter(
             spec = get_format(found)
     adapter = spec.read(path)
     adapter.check_finite(allow_nonfinite)
-    if base is not None:
-        ckpt = base if isinstance(base, Checkpoint) else Checkpoint(base)
-        resolve_names(adapter, ckpt)
+    ckpt = None if base is None else base if isinstance(base, Checkpoint) else Checkpoint(base)
+    resolve(adapter, ckpt, family)
+    if ckpt is not None:
         lycoris.fit_base(adapter, ckpt)
     return adapter
-
-
-def resolve_names(adapter: Adapter, base: Checkpoint) -> list[str]:
-    """Map mangled (kohya) names to the base's module paths, in place. Returns unmatched names.
-
-    A stem matches a module when their mangled forms are equal, or when one is a ``_``-suffix of
-    the other (a base with or without a wrapper prefix); several candidates is an error.
-    """
-    modules = base.modules()
-    by_mangled: dict[str, list[str]] = {}
-    for m in modules:
-        by_mangled.setdefault(mangle(m), []).append(m)
-    unmatched: list[str] = []
-    renamed: dict[str, object] = {}
-    for name, layer in adapter.layers.items():
-        stem = layer.meta.get("kohya_stem")
-        if stem is None:
-            path = split_component(name)[1]
-            if path not in modules and name not in modules:
-                unmatched.append(name)
-            renamed[name] = layer
-            continue
-        tail = split_prefix(stem)[1]
-        cands = by_mangled.get(tail) or by_mangled.get(stem) or [
-            m for mm, ms in by_mangled.items() for m in ms if mm.endswith("_" + tail) or tail.endswith("_" + mm)
-        ]
-        shape_ok = [m for m in cands if tuple(base.shape(modules[m]))[: len(layer.shape)] == layer.shape
-                    or tuple(base.shape(modules[m])) == layer.shape]
-        cands = shape_ok or cands
-        if len(cands) > 1:
-            raise LoraToolsError(f"{stem}: ambiguous against base, matches {', '.join(sorted(cands)[:4])}")
-        if not cands:
-            unmatched.append(name)
-            renamed[name] = layer
-            continue
-        if cands[0] in renamed:
-            raise LoraToolsError(f"{stem}: resolves to {cands[0]}, which another layer already targets")
-        renamed[cands[0]] = layer
-    adapter.layers = renamed  # type: ignore[assignment]
-    adapter.resolved = not any(adapter.layers[n].meta.get("kohya_stem") == n for n in unmatched)
-    if unmatched:
-        adapter.warnings.append(
-            f"{len(unmatched)} layer(s) match no module of the base checkpoint, e.g. {unmatched[0]}"
-        )
-    return unmatched
 
 
 def save_adapter(

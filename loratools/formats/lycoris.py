@@ -267,7 +267,6 @@ def fit_base(adapter: Adapter, base) -> None:
     LoHa / LoKr conv layers without a Tucker core store ``[r, in·kh·kw]`` factors, so only the base weight
     tells the kernel shape (PEFT's LoHa/LoKr folders too).
     """
-    modules = base.modules()
     for name, layer in adapter.layers.items():
         stem = layer.meta.get("kohya_stem") or name
         if adapter.format != "lycoris" and not hasattr(layer, "set_shape"):
@@ -277,12 +276,13 @@ def fit_base(adapter: Adapter, base) -> None:
                 f"{adapter.source}: {stem}: no module of the base checkpoint {base.path} matches this LyCORIS key "
                 f"(layer shape {tuple(layer.shape)})"
             )
-        key = modules.get(name)
-        if key is None:
+        ref = base.module_ref(name)
+        if ref is None:
             continue
+        key = ref.key
         if layer.magnitude is not None and layer.meta.get("dora") == "lycoris":
             layer.meta["dora_dtype"] = base.dtype(key)  # LyCORIS's loader gives dora_scale the model's dtype
-        wshape = tuple(int(s) for s in base.shape(key))
+        wshape = tuple(int(s) for s in base.module_shape(name))
         if wshape == tuple(layer.shape):
             continue
         if math.prod(wshape) != math.prod(layer.shape) or wshape[0] != layer.shape[0]:

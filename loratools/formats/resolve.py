@@ -1,0 +1,132 @@
+"""Layer names: from a format's convention to canonical module names, and against a base checkpoint.
+
+Readers name layers as their files do (kohya stems, ComfyUI keys, module paths). Here they get the names every
+operation uses (DESIGN.md §8):
+
+1. **A model family** (:mod:`loratools.families`) that knows the names — given by ``--family``, taken from the base
+   checkpoint, or detected from the layer names — renames every layer it knows to its canonical name
+   (``unet.down_blocks.0.attentions.0.proj_in``, ``text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj``),
+   whichever convention it came in: kohya stems of either style, ComfyUI keys, diffusers keys, original checkpoint
+   keys. The source stem stays in ``layer.meta["kohya_stem"]`` so a kohya file written back is bit-exact.
+2. **Against a base**, whatever the family did not name is matched generically: module paths as they are, kohya
+   stems by their mangled form (with or without a wrapper prefix; several candidates is an error).
+3. A base that none of the layers matches is an error naming a few of them and the family detected (the adapter
+   would silently do nothing); partial matches are listed in a warning.
+"""
+
+from __future__ import annotations
+
+from loratools.adapter import Adapter
+from loratools.checkpoint import Checkpoint
+from loratools.errors import LoraToolsError
+from loratools.families import FAMILIES, detect_adapter, naming_for
+from loratools.formats.naming import mangle, split_component, split_prefix
+
+AUTO = "auto"
+
+
+def resolve(adapter: Adapter, base: Checkpoint | None, family: str | None = None) -> None:
+    """Canonical names for ``adapter``'s layers, in place (see the module docstring)."""
+    naming, fam = family_naming(adapter, base, family)
+    if naming is not None:
+        _apply_family(adapter, naming, fam, base)
+    if base is not None:
+        resolve_names(adapter, base)
+
+
+def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None):
+    """``(naming, family name)`` that names ``adapter``'s layers, or ``(None, None)``."""
+    explicit = family not in (None, AUTO)
+    if explicit and family not in FAMILIES:
+        raise LoraToolsError(f"unknown --family {family!r}; expected auto or one of {', '.join(FAMILIES)}")
+    base_family = base.family() if base is not None else None
+    if explicit and base_family is not None and base_family[0] != family:
+        raise LoraToolsError(f"--family {family}, but the base {base.path} is a {base_family[0]} checkpoint")
+    if base is not None and base.naming() is not None:
+        return base.naming(), base_family[0]
+    if explicit:
+        return naming_for(family), family
+    names = [n for name, la in adapter.layers.items() for n in (name, la.meta.get("kohya_stem")) if n]
+    found = detect_adapter(names) if base_family is None else (base_family[0], None)
+    return (naming_for(found[0]), found[0]) if found else (None, None)
+
+
+def _apply_family(adapter: Adapter, naming, family: str, base: Checkpoint | None) -> None:
+    renamed: dict = {}
+    hits = 0
+    for name, layer in adapter.layers.items():
+        found = None
+        for cand in (name, layer.meta.get("kohya_stem")):
+            found = naming.lookup(cand) if cand else None
+            if found:
+                break
+        if found is None or (base is not None and base.module_ref(found[0]) is None):
+            _put(renamed, name, layer, name)
+            continue
+        canonical, convention = found
+        layer.meta["component"] = split_component(canonical)[0]
+        layer.meta["convention"] = convention
+        _put(renamed, canonical, layer, name)
+        hits += 1
+    adapter.layers = renamed
+    if hits:
+        adapter.family = family
+    adapter.resolved = not any(la.meta.get("kohya_stem") == n for n, la in adapter.layers.items())
+
+
+def _put(layers: dict, name: str, layer, source_name: str) -> None:
+    if name in layers:
+        raise LoraToolsError(f"{source_name}: names the module {name}, which another layer of the adapter already targets")
+    layers[name] = layer
+
+
+def resolve_names(adapter: Adapter, base: Checkpoint) -> list[str]:
+    """Match the layers no family named to the base's modules, in place. Returns the unmatched names.
+
+    A kohya stem matches a module when their mangled forms are equal, or when one is a ``_``-suffix of
+    the other (a base with or without a wrapper prefix); several candidates is an error. No layer matching
+    at all is an error: the adapter is for another model.
+    """
+    refs = base.module_refs()
+    by_mangled: dict[str, list[str]] = {}
+    for m in refs:
+        by_mangled.setdefault(mangle(split_component(m)[1]), []).append(m)
+        by_mangled.setdefault(mangle(m), []).append(m)
+    unmatched: list[str] = []
+    renamed: dict = {}
+    for name, layer in adapter.layers.items():
+        stem = layer.meta.get("kohya_stem")
+        if stem is None or stem != name:
+            if base.module_ref(name) is None:
+                unmatched.append(name)
+            _put(renamed, name, layer, name)
+            continue
+        tail = split_prefix(stem)[1]
+        cands = sorted(set(by_mangled.get(tail) or by_mangled.get(stem) or [
+            m for mm, ms in by_mangled.items() for m in ms if mm.endswith("_" + tail) or tail.endswith("_" + mm)
+        ]))
+        shape_ok = [m for m in cands if base.module_shape(m)[: len(layer.shape)] == layer.shape
+                    or base.module_shape(m) == layer.shape]
+        cands = shape_ok or cands
+        if len(cands) > 1:
+            raise LoraToolsError(f"{stem}: ambiguous against base, matches {', '.join(cands[:4])}")
+        if not cands:
+            unmatched.append(name)
+            _put(renamed, name, layer, name)
+            continue
+        _put(renamed, cands[0], layer, stem)
+    adapter.layers = renamed
+    adapter.resolved = not any(adapter.layers[n].meta.get("kohya_stem") == n for n in unmatched)
+    if unmatched and len(unmatched) == len(adapter.layers):
+        fam = base.family()
+        what = f"a {fam[0]} checkpoint, {fam[1]} layout" if fam else "no known model family"
+        raise LoraToolsError(
+            f"{adapter.source}: none of its {len(unmatched)} layer(s) matches a module of the base {base.path} ({what}); "
+            f"e.g. {', '.join(unmatched[:3])}: an adapter for another model (or pass the right --base / --family)"
+        )
+    if unmatched:
+        adapter.warnings.append(
+            f"{len(unmatched)} of {len(adapter.layers)} layer(s) match no module of the base checkpoint: "
+            f"{', '.join(unmatched[:5])}{', …' if len(unmatched) > 5 else ''}"
+        )
+    return unmatched
