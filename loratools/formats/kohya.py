@@ -18,6 +18,7 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
+from loratools.families import naming_for
 from loratools.formats.common import (
     atomic_path,
     embed_extra_tensors,
@@ -40,6 +41,12 @@ from loratools.formats.naming import (
 )
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
+#: model family → (ss_base_model_version, modelspec architecture), as sd-scripts (library/sai_model_spec.py) writes them
+SAI_METADATA = {
+    "sd15": ("sd_v1", "stable-diffusion-v1"),
+    "sd2": ("sd_v2", "stable-diffusion-v2-512"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+}
 LORA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 def is_kohya_key(key: str) -> bool:
     """A plain kohya LoRA key: ``<stem>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (no dot in the stem)."""
@@ -115,13 +122,27 @@ def stem_for(name: str, layer: LoraLayer, resolved: bool, prefix: str | None, co
     return (prefix or COMPONENT_PREFIX.get(owner, "lora_unet_")) + mangle(split_component(name)[1])
 
 
+def family_stem(naming, name: str, layer: Layer, style: str | None) -> str | None:
+    """The stem a model family gives a layer with a canonical name of that family (None if it has none): the
+    layer's own source stem when it names the same module and no ``style`` is asked (bit-exact round trips),
+    else the family's stem in ``style`` (default "diffusers")."""
+    if naming is None or naming.lookup(name) is None or naming.resolve(name) != name:
+        return None
+    source = layer.meta.get("kohya_stem")
+    if style is None and source and naming.resolve(source) == name:
+        return source
+    return naming.kohya_stem(name, style or "diffusers")
+
+
 def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
     dtype, prefix, component, force_component = (options.dtype, options.kohya_prefix, options.component,
                                                   options.force_component)
+    naming = naming_for(adapter.family) if adapter.family and not force_component and prefix is None else None
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
     for name, layer in adapter.layers.items():
-        stem = stem_for(name, layer, adapter.resolved, prefix, component, force_component)
+        stem = (family_stem(naming, name, layer, options.kohya_style)
+                or stem_for(name, layer, adapter.resolved, prefix, component, force_component))
         if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
             mag = layer.magnitude.reshape(-1)
             shape = ((layer.shape[0], *([1] * (len(layer.shape) - 1))) if layer.magnitude_axis == "out"
@@ -151,6 +172,12 @@ def build_metadata(adapter: Adapter) -> dict[str, str]:
     linear = [la for la in adapter.layers.values() if not la.is_conv]
     conv = [la for la in adapter.layers.values() if la.is_conv]
     meta.setdefault("ss_network_module", "networks.lora")
+    if adapter.family in SAI_METADATA:  # what A1111/Forge and ComfyUI filter LoRAs on (sd-scripts' values)
+        version, arch = SAI_METADATA[adapter.family]
+        meta.setdefault("ss_base_model_version", version)
+        meta.setdefault("ss_v2", str(adapter.family == "sd2"))
+        meta.setdefault("modelspec.sai_model_spec", "1.0.0")
+        meta.setdefault("modelspec.architecture", f"{arch}/lora")
     for key, field in (("ss_training_comment", "comment"), ("ss_output_name", "output_name")):
         if adapter.provenance.get(field):
             meta.setdefault(key, str(adapter.provenance[field]))

@@ -29,6 +29,10 @@ class WriteOptions:
     kohya_prefix: str | None = None
     component: str | None = None
     force_component: bool = False
+    #: kohya stem style for model families that have two (SD UNet): "diffusers" (``lora_unet_down_blocks_…``, the
+    #: default: ComfyUI, A1111/Forge and diffusers all load it) or "original" (``lora_unet_input_blocks_…``); None
+    #: keeps each layer's source stem where it has one
+    kohya_style: str | None = None
 
 
 def no_refusal(name: str, layer: Layer) -> str | None:
