@@ -272,7 +272,43 @@ def test_diffusers_saved_file_round_trips_through_loratools_and_kohya(cli, tmp_p
 
 
 def test_inspect_norm_uses_metadata_alpha(cli, tmp_path):
+    """``inspect`` of a diffusers-saved file (lora_alpha 8, r 4) reports PEFT's ‖ΔW‖ (it reported half of it)."""
     path, unet, _ = diffusers_saved(tmp_path, UNET_CASES["alpha_ne_r"], TE_CASES["alpha_eq_r"])
-    ad = load_adapter(path)
-    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    assert ad.layers[name].scale == 2.0  # lora_alpha 8 / r 4
+    layers = {la["name"]: la for la in json.loads(cli.ok("inspect", path, "--json", "-q").stdout)["layers"]}
+    for name, delta in peft_deltas(unet).items():
+        got = layers[f"unet.{name}"]
+        assert got["scale"] == 2.0 and got["alpha"] == 8.0
+        assert got["fro_norm"] == pytest.approx(float(delta.flatten(1).norm()), rel=1e-5), name
+
+
+# ----------------------------------------------------------------------------------------------- 3. edge cases
+def _tiny_file(path: Path, extra: dict, metadata: dict) -> Path:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    t = {"unet.a.to_q.lora_A.weight": torch.randn(4, 8, generator=g), "unet.a.to_q.lora_B.weight": torch.randn(8, 4, generator=g),
+         "unet.a.to_k.lora_A.weight": torch.randn(2, 8, generator=g), "unet.a.to_k.lora_B.weight": torch.randn(8, 2, generator=g),
+         **extra}
+    save_file(t, str(path), metadata=metadata)
+    return path
+
+
+def test_metadata_patterns_and_alpha_tensors(tmp_path):
+    """rank / alpha patterns as PEFT matches them; an ``.alpha`` tensor (older tools) wins over the metadata, with a
+    warning when they disagree."""
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"to_k": 2},
+                                                 "unet.alpha_pattern": {"a.to_k": 1}})}
+    ad = load_adapter(_tiny_file(tmp_path / "a.safetensors", {}, meta))
+    assert ad.layers["a.to_q"].scale == 2.0 and ad.layers["a.to_k"].scale == 0.5 and not ad.warnings
+    ad = load_adapter(_tiny_file(tmp_path / "b.safetensors", {"unet.a.to_q.alpha": torch.tensor(2.0)}, meta))
+    assert ad.layers["a.to_q"].scale == 0.5 and any("disagrees" in w for w in ad.warnings)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"unet.r": "four"}), "unet.r must be a positive integer"),
+    (json.dumps({"unet.alpha_pattern": {"(": 1}}), "not a valid regex"),
+])
+def test_bad_metadata_is_one_line_error(cli, tmp_path, bad, match):
+    f = _tiny_file(tmp_path / "x.safetensors", {}, {"lora_adapter_metadata": bad})
+    cli.fails("inspect", f, match=match)

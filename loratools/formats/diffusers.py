@@ -91,7 +91,12 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         adapter.layers[mod] = layer
     take_embedding_marks(adapter)
     # transformers 5 CLIPTextModel paths (a file diffusers saved from one): the canonical CLIP path keeps text_model.
-    adapter.layers = {_canonical(n): la for n, la in adapter.layers.items()}
+    renamed: dict[str, Layer] = {}
+    for n, la in adapter.layers.items():
+        if _canonical(n) in renamed:
+            raise LoraToolsError(f"{source}: {n} and {_canonical(n)} are the same CLIP module (with and without text_model.)")
+        renamed[_canonical(n)] = la
+    adapter.layers = renamed
     note_zero_alphas(adapter)
     components = {layer.meta["component"] for layer in adapter.layers.values()}
     if len(components) == 1 and None not in components:
