@@ -6,6 +6,7 @@ Pipeline components (``unet``, ``text_encoder``…), kohya prefixes and stems (`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from loratools.errors import LoraToolsError
@@ -61,10 +62,36 @@ def layer_component(name: str, layer, component: str | None = None, force: bool 
     return split_component(name)[0] or layer.meta.get("component") or component or "unet"
 
 
+#: a CLIP text-encoder layer named without the ``text_model.`` level: transformers 5's ``CLIPTextModel`` has none
+#: (``CLIPTextModelWithProjection`` keeps it), so PEFT adapters made on it name ``encoder.layers.N.self_attn.q_proj``
+CLIP_FLAT = re.compile(r"^encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+def clip_text_model_path(path: str) -> str:
+    """A CLIP text-encoder module path with its ``text_model.`` level (the path in transformers 4 and in
+    ``CLIPTextModelWithProjection``, what kohya stems and diffusers' text-encoder loaders of every version take);
+    other paths unchanged."""
+    return "text_model." + path if CLIP_FLAT.match(path) else path
+
+
+def pattern_key(patterns, module: str) -> str | None:
+    """PEFT's ``get_pattern_key`` (``peft/utils/other.py``): the first pattern p with
+    re.match(rf"(.*\\.)?({p})$", module), None if none (PEFT then uses the adapter-wide r / lora_alpha)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _root_component(name: str) -> str | None:
+    return ROOT_COMPONENTS.get(name.split(".", 1)[0]) or ("text_encoder" if CLIP_FLAT.match(name) else None)
+
+
 def adapter_component(names: Iterable[str]) -> str | None:
     """The one pipeline component an adapter's component-less module paths point to, from their roots (DiT
-    ``transformer_blocks`` → transformer, CLIP ``text_model`` → text_encoder); None if none or several."""
-    found = {ROOT_COMPONENTS.get(n.split(".", 1)[0]) for n in names if split_component(n)[0] is None}
+    ``transformer_blocks`` → transformer, CLIP ``text_model`` or transformers 5's flat CLIP
+    ``encoder.layers.N.self_attn…`` → text_encoder); None if none or several."""
+    found = {_root_component(n) for n in names if split_component(n)[0] is None}
     found.discard(None)
     return found.pop() if len(found) == 1 else None
 

@@ -29,6 +29,7 @@ from loratools.formats.common import (
     read_tensors,
     save_safetensors,
 )
+from loratools.formats.naming import pattern_key
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 PREFIX = "base_model.model."
@@ -46,14 +47,6 @@ _DEFAULT_CONFIG = {
 
 def detect(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file()
-
-
-def pattern_key(patterns: dict, module: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern p with re.match(rf"(.*\\.)?({p})$", module)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
 
 
 def _targets(config: dict, module: str) -> bool:
