@@ -112,13 +112,15 @@ def bake(
     force: bool = False,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
+    family: str | None = None,
 ) -> dict:
     """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
     base_path = Path(base)
     known = sorted(e.name for e in base_path.iterdir() if e.is_file()) if base_path.is_dir() else []
     out = check_output(out, force, [base, *(p for p, _ in adapters)], is_dir=base_path.is_dir(), known_names=known)
     ckpt = Checkpoint(base)
-    loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite), float(w)) for p, w in adapters]
+    loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), float(w))
+              for p, w in adapters]
     labels = [str(p) for p, _ in adapters]
     plan = plan_bake(ckpt, loaded, labels)
     is_dir = ckpt.path.is_dir()

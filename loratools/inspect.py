@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,10 +20,11 @@ def inspect_adapter(
     format: str | None = None,
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
+    family: str | None = None,
 ) -> dict:
     """``{"format", "layers": [row...], "summary": {...}}`` — see :func:`loratools.stats.layer_report`."""
     ckpt = Checkpoint(base) if base else None
-    adapter = load_adapter(path, format=format, base=ckpt, allow_nonfinite=allow_nonfinite)
+    adapter = load_adapter(path, format=format, base=ckpt, allow_nonfinite=allow_nonfinite, family=family)
     items = list(adapter.layers.items())
     rows = []
     unmatched = []
@@ -39,6 +41,9 @@ def inspect_adapter(
                 base_norm = float(w.float().norm())
         rows.append(layer_report(name, layer, base_norm))
     summary = adapter_summary(adapter, rows)
+    conventions = Counter(la.meta["convention"] for la in adapter.layers.values() if la.meta.get("convention"))
+    summary["family"] = adapter.family
+    summary["convention"] = conventions.most_common(1)[0][0] if conventions else adapter.format
     if ckpt is not None:
         summary["unmatched"] = unmatched
         summary["base"] = str(base)

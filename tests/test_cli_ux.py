@@ -53,6 +53,9 @@ def test_cli_choice_lists_match_the_library():
     from loratools.merge import METHODS
 
     assert common.FORMATS == FORMATS and common.COMPONENTS == COMPONENTS and common.MERGE_METHODS == METHODS
+    from loratools.families import FAMILIES
+
+    assert common.FAMILIES == tuple(FAMILIES)
 
 
 # --- 2. --from / --to, old spellings kept ----------------------------------------------------------------------

@@ -243,9 +243,9 @@ def test_diffusers_saved_single_component_rslora(tmp_path):
                                               unet_lora_adapter_metadata=unet.lora_config.to_dict())
     ad = load_adapter(tmp_path / "s" / "pytorch_lora_weights.safetensors")
     want = peft_deltas(unet)
-    assert set(ad.layers) == set(want)  # one component: names without it (as before)
+    assert ad.family == "sd15" and set(ad.layers) == {f"unet.{n}" for n in want}  # canonical: with the component
     for name, delta in want.items():
-        torch.testing.assert_close(ad.layers[name].delta(), delta, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(ad.layers[f"unet.{name}"].delta(), delta, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_diffusers_saved_file_round_trips_through_loratools_and_kohya(cli, tmp_path):

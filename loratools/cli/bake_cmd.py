@@ -8,6 +8,7 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    family_option,
     force_option,
     handle_errors,
     json_option,
@@ -29,8 +30,9 @@ from loratools.cli.common import (
 @json_option
 @quiet_option
 @nonfinite_option
+@family_option
 @handle_errors
-def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite):
+def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite, family):
     """Write BASE + Σ wᵢ·ΔWᵢ as a full checkpoint (same files, keys, dtype; configs copied).
 
     Adapters apply in the order given, like PEFT's merge_and_unload; DoRA layers use their source
@@ -42,7 +44,7 @@ def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite
 
     parsed = [parse_weighted_spec(s) for s in specs]
     doc = bake(base, parsed, out, dtype=parse_dtype(dtype), force=force,
-               progress=lambda it, n: progress(it, n, "bake", quiet, unit="files"), allow_nonfinite=allow_nonfinite)
+               progress=lambda it, n: progress(it, n, "bake", quiet, unit="files"), allow_nonfinite=allow_nonfinite, family=family)
     if as_json:
         emit_json(doc)
         return

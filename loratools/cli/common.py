@@ -34,6 +34,7 @@ FORMATS = ("peft", "kohya", "diffusers")  # loratools.formats.FORMATS
 MERGE_METHODS = ("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
                  "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # loratools.merge.METHODS
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # formats.common.COMPONENTS
+FAMILIES = ("sd15", "sd2", "sdxl", "sdxl_refiner")  # loratools.families.FAMILIES
 
 DTYPES = {
     "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
@@ -254,6 +255,13 @@ def from_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 format_option = in_format_option  # the old name, for plugins importing it
+family_option = click.option(
+    "--family", default="auto", type=click.Choice(["auto", *FAMILIES]), show_default=True,
+    help="Model family whose names the adapter/base use (auto: from the base checkpoint, else the adapter's keys).")
+kohya_style_option = click.option(
+    "--kohya-style", type=click.Choice(["diffusers", "original"]), default=None,
+    help="kohya stems for SD UNets: diffusers (lora_unet_down_blocks_…; loaded by ComfyUI, A1111/Forge, diffusers) or "
+         "original (lora_unet_input_blocks_…). Default: each layer's source stem, else diffusers.")
 dtype_option = click.option("--dtype", default=None, metavar="DTYPE",
                             help="Output dtype: fp32, fp16, bf16 (default: keep the input's).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output.")

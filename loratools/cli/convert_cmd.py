@@ -17,11 +17,13 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    family_option,
     fmt,
     force_option,
     handle_errors,
     in_format_option,
     json_option,
+    kohya_style_option,
     main,
     make_rule,
     nonfinite_option,
@@ -50,11 +52,13 @@ from loratools.errors import LoraToolsError
                    "with lora_unet_ keys). Default: the input's own components; where it has none, guessed from the "
                    "module paths (DiT blocks → transformer, CLIP text_model → text_encoder), else unet.")
 @nonfinite_option
+@family_option
+@kohya_style_option
 @quiet_option
 @json_option
 @handle_errors
 def convert_command(adapter, to_format, out, base, in_format, rank, energy, ratio, threshold, max_rank, fold_dora,
-                    dtype, force, kohya_prefix, component, allow_nonfinite, quiet, as_json):
+                    dtype, force, kohya_prefix, component, allow_nonfinite, family, kohya_style, quiet, as_json):
     """Convert ADAPTER (PEFT LoRA/LoHa/LoKr/DoRA, kohya, LyCORIS, diffusers) to plain LoRA in --to format.
 
     Without a rank rule the conversion is exact; with --rank/--energy/--ratio/--threshold each layer is the
@@ -72,12 +76,12 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     rule = make_rule(rank, energy, ratio, threshold, max_rank)
     dt = parse_dtype(dtype)
     ckpt = Checkpoint(base) if base else None
-    ad = load_adapter(adapter, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite)
+    ad = load_adapter(adapter, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite, family=family)
     check_convertible(ad, to_format, fold_dora, ckpt)
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
                                 progress=lambda it, n: progress(it, n, "convert", quiet))
     save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component,
-                 force_component=bool(component))
+                 force_component=bool(component), kohya_style=kohya_style)
     doc = {"input": str(adapter), "input_format": ad.format, "output": str(out_path), "format": to_format,
            "rule": rule.describe() if rule else "exact", "layers": len(new.layers), "params": new.num_params,
            "source_params": ad.num_params, "per_layer": rows, "warnings": new.warnings}

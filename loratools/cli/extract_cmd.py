@@ -13,10 +13,12 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    family_option,
     fmt,
     force_option,
     handle_errors,
     json_option,
+    kohya_style_option,
     main,
     make_conv_rule,
     make_rule,
@@ -64,12 +66,15 @@ def checkpoint_options(fn):
               help="Store matching modules in full (PEFT modules_to_save), e.g. '*norm*' or lm_head.")
 @click.option("--min-diff", type=float, default=0.0, show_default=True,
               help="Skip layers with ‖ΔW‖/‖W_base‖ below this (exactly unchanged layers are always skipped).")
+@family_option
+@kohya_style_option
 @json_option
 @force_option
 @quiet_option
 @handle_errors
 def extract_command(base, tuned, include, exclude, device, seed, out, rank, energy, ratio, threshold, max_rank,
-                    conv_rank, out_format, dtype, exact, power_iters, power_tol, clamp_quantile, save_full, min_diff, as_json, force, quiet):
+                    conv_rank, out_format, dtype, exact, power_iters, power_tol, clamp_quantile, save_full, min_diff,
+                    family, kohya_style, as_json, force, quiet):
     """Extract a LoRA approximating TUNED − BASE by (randomized) truncated SVD, layer by layer.
 
     Rank rule: --rank N (default 16), --energy F (keep F of ‖ΔW‖_F²), --ratio R (σᵢ ≥ σ₁/R) or
@@ -79,11 +84,13 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     from loratools.extract import ExtractOptions, extract, output_size
     from loratools.formats import check_output_name, output_is_folder, save_adapter
     from loratools.formats.common import check_output
+    from loratools.formats.resolve import check_family
     from loratools.linalg import RankRule
 
     out_path = check_output(out, force, [base, tuned], is_dir=output_is_folder(out_format))
     check_output_name(out_format, out_path)
     rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
+    check_family(base, family)
     options = ExtractOptions(
         rule=rule, conv_rule=make_conv_rule(conv_rank, max_rank),
         include=list(include), exclude=list(exclude), save_full=list(save_full), device=device,
@@ -91,7 +98,7 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
         format=out_format, power_iters=power_iters, power_tol=power_tol,
     )
     result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet))
-    save_adapter(result.adapter, out_path, out_format, force=force)
+    save_adapter(result.adapter, out_path, out_format, force=force, kohya_style=kohya_style)
     s = result.summary
     s["output"] = str(out_path)
     s["file_size_bytes"] = output_size(Path(out_path))

@@ -10,6 +10,7 @@ from loratools.cli.common import (
     clean_floats,
     echo_warnings,
     emit_json,
+    family_option,
     fmt,
     handle_errors,
     in_format_option,
@@ -29,10 +30,11 @@ from loratools.cli.common import (
 @click.option("--plot", type=click.Path(), default=None, help="Write spectra + effective-rank plots to this PNG.")
 @click.option("--top", type=click.IntRange(min=0), default=3, show_default=True, help="Singular values shown per layer in the table.")
 @nonfinite_option
+@family_option
 @quiet_option
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @handle_errors
-def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinite, quiet, force):
+def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinite, family, quiet, force):
     """Per-layer rank, norms, stable/effective rank, energy ranks and singular values.
 
     Singular values are exact and computed from the factors (QR + small SVD), never from the dense ΔW.
@@ -43,7 +45,7 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
     if plot:
         check_output(plot, force, [adapter, base], is_dir=False)
     report = inspect_adapter(
-        adapter, base=base, format=in_format, allow_nonfinite=allow_nonfinite,
+        adapter, base=base, format=in_format, allow_nonfinite=allow_nonfinite, family=family,
         progress=lambda it, n: progress(it, n, "inspect", quiet),
     )
     if plot:
@@ -72,7 +74,7 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
     s = report["summary"]
     click.echo("")
     lines = [
-        ("format", s["format"]), ("layers", s["layers"]), ("conv layers", s["conv_layers"]),
+        ("format", s["format"]), ("family", f"{s['family'] or 'none recognised'} (names: {s['convention']})"), ("layers", s["layers"]), ("conv layers", s["conv_layers"]),
         ("params", f"{s['params']:,}"), ("ranks", ", ".join(map(str, s["ranks"]))),
         ("names resolved", "yes" if s["names_resolved"] else "no (kohya stems; pass --base to resolve)"),
     ]

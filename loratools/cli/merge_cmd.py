@@ -12,11 +12,13 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    family_option,
     fmt,
     force_option,
     from_option,
     handle_errors,
     json_option,
+    kohya_style_option,
     main,
     nonfinite_option,
     parse_dtype,
@@ -65,11 +67,13 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 @dtype_option
 @force_option
 @nonfinite_option
+@family_option
+@kohya_style_option
 @json_option
 @quiet_option
 @handle_errors
 def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, in_format,
-                  base, dtype, force, allow_nonfinite, as_json, quiet):
+                  base, dtype, force, allow_nonfinite, family, kohya_style, as_json, quiet):
     from loratools.checkpoint import Checkpoint
     from loratools.device import resolve_device
     from loratools.formats import check_output_name, load_adapter, output_is_folder, save_adapter
@@ -84,7 +88,7 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     ckpt = Checkpoint(base) if base else None
     if out_format:
         check_output_name(out_format, out_path)
-    inputs = [(load_adapter(p, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite), w) for p, w in parsed]
+    inputs = [(load_adapter(p, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), w) for p, w in parsed]
     check_output_name(out_format or inputs[0][0].format, out_path)
     merged, report = merge_adapters(
         inputs, method=method, rank=rank, density=density, majority_sign=majority_sign, seed=seed, device=dev,
@@ -94,7 +98,7 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     if not merged.layers:
         raise LoraToolsError("the weighted adapters cancel out: every merged layer is zero, nothing to write")
     fmt_out = out_format or merged.format
-    save_adapter(merged, out_path, fmt_out, force=force, dtype=dt)
+    save_adapter(merged, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style)
     doc = {"inputs": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}
                       for (p, w), (ad, _) in zip(parsed, inputs)],
            "output": str(out_path), "format": fmt_out, "params": merged.num_params, **report.as_dict()}

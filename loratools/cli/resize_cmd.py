@@ -12,11 +12,13 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    family_option,
     fmt,
     force_option,
     handle_errors,
     in_format_option,
     json_option,
+    kohya_style_option,
     main,
     make_conv_rule,
     make_rule,
@@ -53,11 +55,14 @@ def _size(n: int) -> str:
 @dtype_option
 @force_option
 @nonfinite_option
+@family_option
+@kohya_style_option
 @json_option
 @quiet_option
 @handle_errors
 def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_rank, prune_below, prune_relative,
-                   include, exclude, to_format, base, in_format, dtype, force, allow_nonfinite, as_json, quiet):
+                   include, exclude, to_format, base, in_format, dtype, force, allow_nonfinite, family, kohya_style,
+                   as_json, quiet):
     """Resize ADAPTER exactly in factored space (QR of both factors + small SVD; ΔW is never formed).
 
     Each kept layer becomes the best rank-k approximation of its ΔW (Eckart–Young), stored as
@@ -79,12 +84,12 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     dt = parse_dtype(dtype)
     if to_format:
         check_output_name(to_format, out_path)
-    ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite)
+    ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite, family=family)
     check_output_name(to_format or ad.format, out_path)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
                                  progress=lambda it, n: progress(it, n, "resize", quiet))
     fmt_out = to_format or ad.format
-    save_adapter(new, out_path, fmt_out, force=force, dtype=dt)
+    save_adapter(new, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style)
     totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))
     warnings = list(new.warnings) + report.warnings  # the input's, then the writer's (new.warnings), then resize's
     if as_json:

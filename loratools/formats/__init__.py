@@ -152,6 +152,7 @@ def save_adapter(
     kohya_prefix: str | None = None,
     component: str | None = None,
     force_component: bool = False,
+    kohya_style: str | None = None,
 ) -> None:
     """Write ``adapter`` in ``format`` atomically (temp file/folder + rename). ``component`` is the pipeline
     component (``unet``, ``transformer``, …) of layers whose names carry none, for formats that name components
@@ -167,5 +168,5 @@ def save_adapter(
     if force_component and component:
         check_single_component(adapter, component)
     options = WriteOptions(dtype=dtype, kohya_prefix=kohya_prefix, component=component or adapter_component(adapter.layers),
-                           force_component=force_component)
+                           force_component=force_component, kohya_style=kohya_style)
     spec.write(adapter, out, force, options)

@@ -34,6 +34,11 @@ def resolve(adapter: Adapter, base: Checkpoint | None, family: str | None = None
         resolve_names(adapter, base)
 
 
+def check_family(base, family: str | None) -> None:
+    """Refuse an explicit ``--family`` that is unknown or contradicts the family of the ``base`` checkpoint."""
+    family_naming(Adapter(layers={}, format=""), None if base is None else Checkpoint(base), family)
+
+
 def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None):
     """``(naming, family name)`` that names ``adapter``'s layers, or ``(None, None)``."""
     explicit = family not in (None, AUTO)
