@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from loratools.formats.common import (
     read_tensors,
     save_safetensors,
 )
-from loratools.formats.naming import pattern_key
+from loratools.formats.naming import pattern_key, split_component
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 PREFIX = "base_model.model."
@@ -282,9 +283,25 @@ def build_config(adapter: Adapter) -> tuple[dict, bool]:
     return config, True
 
 
+def one_model(adapter: Adapter) -> Adapter:
+    """A PEFT folder adapts one model: a model family's canonical names lose their pipeline component (``unet.x`` →
+    ``x``, the module path PEFT sees in that model); layers of several components cannot share one folder."""
+    if not adapter.family:
+        return adapter
+    components = {split_component(n)[0] for n in adapter.layers}
+    if len(components) > 1:
+        raise LoraToolsError(
+            f"a PEFT folder adapts one model, but this {adapter.family} adapter has layers for "
+            f"{', '.join(sorted(c or 'no component' for c in components))}; write kohya, comfy or diffusers instead "
+            "(or --include one component with resize)"
+        )
+    return replace(adapter, layers={split_component(n)[1]: la for n, la in adapter.layers.items()})
+
+
 def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
     dtype = options.dtype
     check_resolved(adapter)
+    adapter = one_model(adapter)
     if options.force_component and options.component:
         adapter.warnings.append(f"--component {options.component} has no effect on PEFT output (PEFT keys carry no "
                                 "pipeline component)")
