@@ -399,6 +399,25 @@ def fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+#: skipped tensors listed one by one up to this many; beyond, reasons shared by many tensors are counted
+SKIPPED_LISTED = 30
+
+
+def skipped_table(skipped: list[dict]) -> str:
+    """``tensor | reason`` rows; a reason shared by more than a few tensors is one counted row once the list is long
+    (a Stable Diffusion file has hundreds of unchanged tensors). ``--json`` always lists every one."""
+    from collections import Counter
+
+    from tabulate import tabulate
+
+    if len(skipped) <= SKIPPED_LISTED:
+        return tabulate([[k["name"], k["reason"]] for k in skipped], headers=["tensor", "reason"])
+    counts = Counter(k["reason"] for k in skipped)
+    rows = [[k["name"], k["reason"]] for k in skipped if counts[k["reason"]] <= 3]
+    rows += [[f"({n} tensors)", reason] for reason, n in counts.most_common() if n > 3]
+    return tabulate(rows, headers=["tensor", "reason"])
+
+
 def echo_warnings(warnings: list[str]) -> None:
     for w in warnings:
         click.echo(f"warning: {w}", err=True)

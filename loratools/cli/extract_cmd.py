@@ -26,6 +26,7 @@ from loratools.cli.common import (
     progress,
     quiet_option,
     rank_rule_options,
+    skipped_table,
 )
 
 DEFAULT_RANK = 16
@@ -119,7 +120,7 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
                             disable_numparse=True))
     if result.skipped:
         click.echo("\nskipped:")
-        click.echo(tabulate([[k["name"], k["reason"]] for k in result.skipped], headers=["tensor", "reason"]))
+        click.echo(skipped_table(result.skipped))
     click.echo("")
     lines = [
         ("output", f"{s['output']} ({s['format']}, {s['file_size_bytes']:,} bytes)"),

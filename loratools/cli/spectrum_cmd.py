@@ -15,6 +15,7 @@ from loratools.cli.common import (
     main,
     progress,
     quiet_option,
+    skipped_table,
 )
 from loratools.cli.extract_cmd import checkpoint_options
 
@@ -88,7 +89,7 @@ def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot,
         click.echo(f"\nchanged 1-D tensors: {', '.join(v['name'] for v in report['changed_vectors'])}")
     if report["skipped"]:
         click.echo("\nskipped:")
-        click.echo(tabulate([[k["name"], k["reason"]] for k in report["skipped"]], headers=["tensor", "reason"]))
+        click.echo(skipped_table(report["skipped"]))
     s = report["summary"]
     click.echo(f"\n{s['layers']} layers ({s['exact_layers']} exact), {s['skipped']} skipped, "
                f"{s['wall_time_s']:.2f} s" + (f"; plot written to {plot}" if plot else ""))
