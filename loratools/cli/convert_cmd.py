@@ -38,7 +38,7 @@ from loratools.errors import LoraToolsError
 @main.command("convert")
 @click.argument("adapter", type=click.Path())
 @click.option("--to", "to_format", required=True, type=click.Choice(FORMATS), help="Output format.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file (kohya, diffusers) or folder (peft).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file (kohya, diffusers, comfy) or folder (peft).")
 @click.option("--base", type=click.Path(), default=None,
               help="Base checkpoint: resolves kohya/LyCORIS names, gives conv kernel shapes, exact DoRA moves, --fold-dora.")
 @in_format_option

@@ -9,14 +9,15 @@ import torch
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.formats import diffusers, kohya, lycoris, peft
+from loratools.formats import comfy, diffusers, kohya, lycoris, peft
 from loratools.formats.common import adapter_file, file_keys
 from loratools.formats.naming import adapter_component, check_single_component
 from loratools.formats.resolve import resolve, resolve_names  # noqa: F401  (resolve_names: public API)
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 #: every format, in detection order (a new format is one module with a ``FORMAT`` and one entry here)
-REGISTRY: dict[str, AdapterFormat] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, lycoris.FORMAT)}
+REGISTRY: dict[str, AdapterFormat] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, lycoris.FORMAT,
+                                                            comfy.FORMAT)}
 #: formats that can be written (output choices)
 FORMATS = tuple(name for name, f in REGISTRY.items() if f.write is not None)
 #: formats that can be read (input choices, besides "auto")

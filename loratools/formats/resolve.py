@@ -30,6 +30,9 @@ def resolve(adapter: Adapter, base: Checkpoint | None, family: str | None = None
     naming, fam = family_naming(adapter, base, family)
     if naming is not None:
         _apply_family(adapter, naming, fam, base)
+        if adapter.family:  # how sure the family is: SD1 and SD2 share every name, only a base or --family tells
+            from_base = base is not None and base.family() is not None
+            adapter.provenance["family_from"] = "base" if from_base else "names" if family in (None, AUTO) else "option"
     if base is not None:
         resolve_names(adapter, base)
 
