@@ -191,15 +191,20 @@ def test_comfy_to_peft_and_diffusers_with_base(tiny, files, cli, tmp_path):
         key = tiny.naming.comfy_key(m.canonical)
         assert torch.equal(got[f"{m.canonical}.lora_A.weight"], src[f"{key}.lora_down.weight"])
         assert torch.equal(got[f"{m.canonical}.lora_B.weight"], src[f"{key}.lora_up.weight"])
+    # a PEFT folder adapts one model: the whole-pipeline LoRA is refused, its UNet part goes through
+    cli.fails("convert", comfy, "--to", "peft", "-o", tmp_path / "all", "--base", ckpt, match="adapts one model")
+    unet_only = tmp_path / "unet.safetensors"
+    save_file({k: v for k, v in src.items() if k.startswith("diffusion_model.")}, str(unet_only))
     peft = tmp_path / "peft"
-    cli.ok("convert", comfy, "--to", "peft", "-o", peft, "--base", ckpt)
+    cli.ok("convert", unet_only, "--to", "peft", "-o", peft, "--base", ckpt)
     ad = load_adapter(peft)
-    assert len(ad.layers) == len(tiny.naming.modules)
-    back = tmp_path / "back.safetensors"  # PEFT module paths carry no family: --base gives it back
+    unet_src = {k: v for k, v in src.items() if k.startswith("diffusion_model.")}
+    assert len(ad.layers) == len(modules_of(unet_src))
+    back = tmp_path / "back.safetensors"  # PEFT module paths carry no component: the family makes them UNet paths
     cli.ok("convert", peft, "--to", "comfy", "-o", back, "--base", ckpt)
     got, _ = tensors_of(back)
-    assert modules_of(got) == modules_of(src)
-    for k, v in src.items():
+    assert modules_of(got) == modules_of(unet_src)
+    for k, v in unet_src.items():
         assert torch.allclose(got[k].float(), v.float()), k
 
 
