@@ -5,6 +5,13 @@ Algorithm, one layer pair at a time (peak memory: a few copies of the largest la
 1. **Pair** the tensors of BASE and TUNED by key (:func:`pair_tensors`): keys on one side only,
    shape mismatches and non-float tensors are reported and skipped; if no tensor pairs up at all
    the checkpoints belong to different architectures and nothing is done.
+   A model family's single file (Stable Diffusion: :meth:`Checkpoint.naming`) is paired by its modules:
+   each changed matrix is named by its canonical module (``unet.down_blocks…``, ``text_encoder_2.…``), a
+   fused tensor (OpenCLIP ``in_proj``: q, k, v) is read once and its row slices of ΔW decomposed
+   separately (one LoRA per module, exact), a transposed one (``text_projection``) transposed back;
+   tensors the family maps to no module (VAE, EMA…) are skipped with its reason, and the adapter
+   carries the family, so writers name the layers in their convention. TUNED must be of the same
+   family and layout.
 2. **Stream** each pair with plain positioned reads (:class:`TensorStream`, no memory map, so the
    resident set stays at the current layer), upcast to float32 on the chosen device and subtract:
    ``ΔW = W_tuned − W_base``. NaN/Inf in either input is an error naming the file and key.

@@ -316,11 +316,12 @@ def test_save_full_and_include_match_canonical_names(tmp_path):
     assert set(res.adapter.layers) == {n for n in c.targets if n.startswith("text_encoder.")}
 
 
-def test_tuned_of_another_family_is_a_one_line_error(tmp_path):
+def test_tuned_of_another_family_is_a_one_line_error(tmp_path, cli):
     a, b = sd15_checkpoint(0), sdxl_checkpoint(0)
     save_file(a.ckpt, tmp_path / "a.safetensors")
     save_file(b.ckpt, tmp_path / "b.safetensors")
-    with pytest.raises(LoraToolsError, match=r"is a sdxl checkpoint .* base .* is a sd15 checkpoint"):
-        extract(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    with pytest.raises(LoraToolsError, match="same family"):
+    cli.fails("extract", "--base", tmp_path / "a.safetensors", "--tuned", tmp_path / "b.safetensors",
+              "-o", tmp_path / "out.safetensors", "--to", "kohya", match="is a sdxl checkpoint (original layout)")
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(LoraToolsError, match=r"base .* is a sd15 checkpoint .* same family and layout"):
         spectrum(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
