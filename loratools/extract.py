@@ -5,6 +5,13 @@ Algorithm, one layer pair at a time (peak memory: a few copies of the largest la
 1. **Pair** the tensors of BASE and TUNED by key (:func:`pair_tensors`): keys on one side only,
    shape mismatches and non-float tensors are reported and skipped; if no tensor pairs up at all
    the checkpoints belong to different architectures and nothing is done.
+   A model family's single file (Stable Diffusion: :meth:`Checkpoint.naming`) is paired by its modules:
+   each changed matrix is named by its canonical module (``unet.down_blocks…``, ``text_encoder_2.…``), a
+   fused tensor (OpenCLIP ``in_proj``: q, k, v) is read once and its row slices of ΔW decomposed
+   separately (one LoRA per module, exact), a transposed one (``text_projection``) transposed back;
+   tensors the family maps to no module (VAE, EMA…) are skipped with its reason, and the adapter
+   carries the family, so writers name the layers in their convention. TUNED must be of the same
+   family and layout.
 2. **Stream** each pair with plain positioned reads (:class:`TensorStream`, no memory map, so the
    resident set stays at the current layer), upcast to float32 on the chosen device and subtract:
    ``ΔW = W_tuned − W_base``. NaN/Inf in either input is an error naming the file and key.
@@ -44,7 +51,7 @@ from pathlib import Path
 import torch
 
 from loratools.adapter import Adapter, LoraLayer
-from loratools.checkpoint import DTYPES, Checkpoint, is_safetensors
+from loratools.checkpoint import DTYPES, Checkpoint, ModuleRef, is_safetensors
 from loratools.device import resolve_device
 from loratools.errors import LoraToolsError
 from loratools.linalg import RankRule, frobenius_sq, krylov_fits, lora_from_svd, randomized_svd, truncated_svd
@@ -207,12 +214,37 @@ def read_pairs(
 # ---------------------------------------------------------------------------------------- pairing
 @dataclass
 class TensorPair:
-    """A tensor present in both checkpoints with the same shape."""
+    """A tensor present in both checkpoints with the same shape.
+
+    In a model family's checkpoint (SD single files) ``module`` is the canonical module name and ``ref`` says where
+    its weight lies in the tensor (a row slice of a fused tensor, transposed); a fused tensor holding several
+    modules (OpenCLIP ``in_proj``: q, k, v) is one pair, read once, with one ``parts`` entry per module.
+    """
 
     key: str
     module: str
     shape: tuple[int, ...]
-    kind: str  # linear | conv | embedding | vector
+    kind: str  # linear | conv | embedding | vector | other | fused
+    ref: ModuleRef | None = None
+    parts: tuple[TensorPair, ...] = ()
+
+    @property
+    def whole(self) -> bool:
+        """Whether the module's weight is the whole tensor as stored (no row slice, not transposed)."""
+        return self.ref is None or (self.ref.rows is None and not self.ref.transpose)
+
+    def units(self) -> tuple[TensorPair, ...]:
+        """The modules this tensor holds: its ``parts``, or the pair itself."""
+        return self.parts or (self,)
+
+    def describe(self, **row) -> dict:
+        """A report row for this module: ``name`` (and, for a family module, the checkpoint ``key``, its ``rows``)."""
+        out = {"name": self.key if self.ref is None else self.module}
+        if self.ref is not None:
+            out["key"] = self.key
+            if self.ref.rows is not None:
+                out["rows"] = list(self.ref.rows)
+        return {**out, **row}
 
 
 def module_of(key: str) -> str:
@@ -233,15 +265,64 @@ def matches(name: str, key: str, globs: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(key, g) for g in globs)
 
 
+def family_of(base: Checkpoint, tuned: Checkpoint) -> str | None:
+    """The model family both checkpoints belong to when BASE has its names (an SD single file), else None;
+    a TUNED of another family or layout is an error."""
+    if base.naming() is None:
+        return None
+    bf, tf = base.family(), tuned.family()
+    if tf != bf:
+        what = f"a {tf[0]} checkpoint ({tf[1]} layout)" if tf else "no known model family"
+        raise LoraToolsError(
+            f"{tuned.path} is {what} but the base {base.path} is a {bf[0]} checkpoint ({bf[1]} layout); "
+            "extract needs both in the same family and layout"
+        )
+    return bf[0]
+
+
+def _family_pair(base: Checkpoint, key: str, shape: tuple[int, ...], mods: list[tuple[str, ModuleRef]],
+                 include: list[str], exclude: list[str], skipped: list[dict]) -> TensorPair | None:
+    """The pair of a family tensor holding ``mods`` (canonical name, where in the tensor): one module, or a fused
+    tensor's modules as ``parts``; --include / --exclude match canonical names or the key."""
+    units = []
+    for name, ref in mods:
+        unit = TensorPair(key, name, tuple(base.module_shape(name)), "", ref)
+        unit.kind = "conv" if len(unit.shape) > 2 else "linear"
+        if include and not matches(name, key, include):
+            continue
+        if exclude and matches(name, key, exclude):
+            skipped.append(unit.describe(reason="excluded by --exclude"))
+            continue
+        units.append(unit)
+    if not units:
+        return None
+    if len(mods) == 1:
+        return units[0]
+    return TensorPair(key, module_of(key), shape, "fused", parts=tuple(units))
+
+
 def pair_tensors(
     base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = ()
 ) -> tuple[list[TensorPair], list[dict]]:
-    """Tensors to compare, in TUNED's key order, and ``{"name", "reason"}`` rows for the rest."""
+    """Tensors to compare, in TUNED's key order, and ``{"name", "reason"}`` rows for the rest.
+
+    When BASE is a model family's single file (see :func:`family_of`) its matrices are paired as the family's
+    modules (canonical names, fused tensors split by rows); tensors the family does not map are skipped with the
+    family's reason (VAE, EMA…), except 1-D ones of the model (biases, norms), which are paired as vectors.
+    """
     include, exclude = list(include), list(exclude)
     bkeys, tkeys = set(base.keys()), tuned.keys()
     pairs: list[TensorPair] = []
     skipped: list[dict] = []
     common = 0
+    naming = base.naming() if family_of(base, tuned) else None
+    by_key: dict[str, list[tuple[str, ModuleRef]]] = {}
+    owner: dict[str, str] = {}  # bias key of a module stored whole → its canonical name
+    if naming is not None:
+        for name, ref in base.module_refs().items():
+            by_key.setdefault(ref.key, []).append((name, ref))
+            if ref.rows is None and not ref.transpose and ref.key.endswith(".weight"):
+                owner[ref.key[: -len("weight")] + "bias"] = name
     for key in tkeys:
         if key not in bkeys:
             skipped.append({"name": key, "reason": "only in tuned checkpoint"})
@@ -255,6 +336,17 @@ def pair_tensors(
             continue
         common += 1
         mod = module_of(key)
+        if naming is not None:
+            if key in by_key:
+                pair = _family_pair(base, key, ts, by_key[key], include, exclude, skipped)
+                if pair is not None:
+                    pairs.append(pair)
+                continue
+            reason = naming.unmapped([key])[key]
+            if len(ts) > 1 or reason != "not a weight matrix":
+                skipped.append({"name": key, "reason": f"{reason}: not part of a LoRA"})
+                continue
+            mod = owner.get(key, mod)  # a bias follows its module's canonical name
         if include and not matches(mod, key, include):
             continue
         if exclude and matches(mod, key, exclude):
@@ -412,6 +504,28 @@ def _tied_head_warning(base: Checkpoint, tuned: Checkpoint, layers: dict[str, Lo
     return []
 
 
+def _unit_diff(
+    unit: TensorPair, diff: torch.Tensor, base_norm: float, total: float, w_base: torch.Tensor, device: torch.device,
+) -> tuple[torch.Tensor, float, float]:
+    """``(ΔW, ‖W_base‖, ‖ΔW‖²)`` of one module of a pair: the whole tensor's, or its rows (transposed back) of a
+    fused or transposed tensor, measured on that part alone."""
+    if unit.whole:
+        return diff, base_norm, total
+    part = unit.ref.take(diff).contiguous()
+    wb = unit.ref.take(w_base).to(device=device, dtype=torch.float32)
+    return part, frobenius_sq(wb) ** 0.5, frobenius_sq(part)
+
+
+def _param_name(unit: TensorPair) -> str:
+    """The parameter name a tensor saved in full goes under: its key, or in a model family its canonical module
+    with the key's last component (``unet.….proj_in.bias``; ``….weight`` for a module's rows of a fused tensor)."""
+    if unit.ref is None and unit.module == module_of(unit.key):
+        return unit.key
+    if unit.ref is not None:
+        return f"{unit.module}.weight"
+    return f"{unit.module}.{unit.key.rsplit('.', 1)[-1]}"
+
+
 def extract(
     base: str | Path | Checkpoint,
     tuned: str | Path | Checkpoint,
@@ -426,6 +540,7 @@ def extract(
     if opt.clamp_quantile is not None and not 0 < opt.clamp_quantile <= 1:
         raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
     device = resolve_device(opt.device)
+    family = family_of(bck, tck)
     pairs, skipped = pair_tensors(bck, tck, opt.include, opt.exclude)
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     layers: dict[str, LoraLayer] = {}
@@ -441,48 +556,53 @@ def extract(
         t_layer = time.perf_counter()
         reason = rounding_only(w_base, w_tuned)
         if reason:
-            skipped.append({"name": key, "reason": reason})
+            skipped += [u.describe(reason=reason) for u in pair.units()]
             continue
-        diff, base_norm, total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
+        whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
         del w_tuned
         out_dtype = opt.dtype or tck.dtype(key)
-        rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
-        if total == 0:
-            skipped.append({"name": key, "reason": "unchanged (ΔW = 0)"})
-            continue
-        if rel < opt.min_diff:
-            skipped.append({"name": key, "reason": f"below --min-diff (‖ΔW‖/‖W‖ = {rel:.3g})"})
-            continue
-        full = bool(opt.save_full) and matches(pair.module, key, opt.save_full)
-        if pair.kind in ("vector", "other") or full:
-            if pair.kind in ("vector", "other"):
-                vectors.append({"name": key, "shape": list(pair.shape), "relative_norm": rel, "saved": full})
-            if full:
-                extra[f"base_model.model.{key}"] = tstream.read(key).to(out_dtype).contiguous()
-                full_modules.add(pair.module)
-            continue
-        fp = (pair.shape, total, base_norm)
-        if fp in seen and torch.equal(w_base, bstream.read(seen[fp])) and torch.equal(
-                tstream.read(key), tstream.read(seen[fp])):
-            first = by_key[seen[fp]]
-            layer = LoraLayer(down=first.down, up=first.up, alpha=first.alpha, embedding=pair.kind == "embedding")
-            layers[pair.module] = layer
-            row = dict(next(r for r in rows if r["key"] == seen[fp]), name=pair.module, key=key,
-                       kind=pair.kind, tied_to=module_of(seen[fp]))
+        for unit in pair.units():
+            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device)
+            rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
+            if total == 0:
+                skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
+                continue
+            if rel < opt.min_diff:
+                skipped.append(unit.describe(reason=f"below --min-diff (‖ΔW‖/‖W‖ = {rel:.3g})"))
+                continue
+            full = bool(opt.save_full) and matches(unit.module, key, opt.save_full)
+            if unit.kind in ("vector", "other") or full:
+                if unit.kind in ("vector", "other"):
+                    vectors.append({"name": key, "shape": list(unit.shape), "relative_norm": rel, "saved": full})
+                if full:
+                    value = tstream.read(key)
+                    value = unit.ref.take(value) if unit.ref is not None else value
+                    extra[f"base_model.model.{_param_name(unit)}"] = value.to(out_dtype).contiguous()
+                    full_modules.add(unit.module)
+                continue
+            fp = (unit.shape, total, base_norm)
+            if unit.whole and fp in seen and torch.equal(w_base, bstream.read(seen[fp])) and torch.equal(
+                    tstream.read(key), tstream.read(seen[fp])):
+                first = by_key[seen[fp]]
+                layer = LoraLayer(down=first.down, up=first.up, alpha=first.alpha, embedding=unit.kind == "embedding")
+                layers[unit.module] = layer
+                first_row = next(r for r in rows if r["key"] == seen[fp])
+                row = dict(first_row, name=unit.module, key=key, kind=unit.kind, tied_to=first_row["name"])
+                rows.append(row)
+                continue
+            rule = opt.conv_rule if unit.kind == "conv" and opt.conv_rule is not None else opt.rule
+            row, layer = _extract_layer(diff, unit, rule, total, base_norm, out_dtype, opt)
+            del diff
+            if layer is None:
+                skipped.append(unit.describe(reason=row["reason"]))
+                continue
+            row["time_s"] = time.perf_counter() - t_layer
+            if unit.whole:
+                seen[fp] = key
+                by_key[key] = layer
+            layers[unit.module] = layer
             rows.append(row)
-            continue
-        del w_base
-        rule = opt.conv_rule if pair.kind == "conv" and opt.conv_rule is not None else opt.rule
-        row, layer = _extract_layer(diff, pair, rule, total, base_norm, out_dtype, opt)
-        del diff
-        if layer is None:
-            skipped.append({"name": key, "reason": row["reason"]})
-            continue
-        row["time_s"] = time.perf_counter() - t_layer
-        seen[fp] = key
-        by_key[key] = layer
-        layers[pair.module] = layer
-        rows.append(row)
+        del whole_diff, w_base
     if not layers and not extra:
         raise LoraToolsError(
             f"nothing to extract: every paired tensor was skipped ({len(skipped)} skipped, e.g. "
@@ -498,13 +618,15 @@ def extract(
         )
     warnings = _tied_head_warning(bck, tck, layers)
     adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path),
-                      warnings=warnings, provenance={
+                      warnings=warnings, family=family, provenance={
                           "base_model": str(bck.path), "task_type": _peft_task_type(bck), "output_name": "extracted",
+                          "family": family,
                           "comment": f"extracted by loratools from {bck.path.name} and {tck.path.name} "
                                      f"({opt.rule.describe()})"})
     energies = [r["retained_energy"] for r in rows]
     summary = {
-        "base": str(bck.path), "tuned": str(tck.path), "format": opt.format, "rule": opt.rule.describe(),
+        "base": str(bck.path), "tuned": str(tck.path), "family": family, "format": opt.format,
+        "rule": opt.rule.describe(),
         "conv_rule": opt.conv_rule.describe() if opt.conv_rule else None, "device": str(device),
         "layers": len(rows), "params": adapter.num_params + sum(t.numel() for t in extra.values()),
         "lora_params": adapter.num_params, "full_params": sum(t.numel() for t in extra.values()),
@@ -540,6 +662,8 @@ def _extract_layer(
         "fro_norm": math.sqrt(total), "sigma_1": float(s[0]), "sigma_k": float(s[-1]),
         "error_measured": False, "power_iters": info["power_iters"],
     }
+    if pair.ref is not None and pair.ref.rows is not None:
+        row["rows"] = list(pair.ref.rows)
     if opt.clamp_quantile is not None:
         layer.up, layer.down, row["clipped"] = clamp_factors(layer.up, layer.down, opt.clamp_quantile)
     layer.up = layer.up.to(dtype=out_dtype).cpu().contiguous()
@@ -609,6 +733,7 @@ def spectrum(
     bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
     tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
     dev = resolve_device(device)
+    family = family_of(bck, tck)
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     rows, vectors = [], []
@@ -616,27 +741,29 @@ def spectrum(
     for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
         reason = rounding_only(w_base, w_tuned)
         if reason:
-            skipped.append({"name": pair.key, "reason": reason})
+            skipped += [u.describe(reason=reason) for u in pair.units()]
             continue
-        diff, base_norm, total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
+        whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
         del w_tuned
-        del w_base
-        if pair.kind in ("vector", "other"):
-            if total > 0:
-                vectors.append({"name": pair.key, "shape": list(pair.shape),
-                                "relative_norm": math.sqrt(total) / base_norm if base_norm else None})
-            else:
-                skipped.append({"name": pair.key, "reason": "unchanged (ΔW = 0)"})
-            continue
-        if total == 0:
-            skipped.append({"name": pair.key, "reason": "unchanged (ΔW = 0)"})
-            continue
-        s, is_exact = layer_spectrum_of_diff(diff.reshape(pair.shape[0], -1), top, exact, exact_below, seed, total)
-        rows.append(_spectrum_row(pair, s.double(), total, base_norm, is_exact))
+        for unit in pair.units():
+            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, dev)
+            if unit.kind in ("vector", "other"):
+                if total > 0:
+                    vectors.append({"name": unit.key, "shape": list(unit.shape),
+                                    "relative_norm": math.sqrt(total) / base_norm if base_norm else None})
+                else:
+                    skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
+                continue
+            if total == 0:
+                skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
+                continue
+            s, is_exact = layer_spectrum_of_diff(diff.reshape(unit.shape[0], -1), top, exact, exact_below, seed, total)
+            rows.append(_spectrum_row(unit, s.double(), total, base_norm, is_exact))
+        del whole_diff, w_base
     return {
         "base": str(bck.path), "tuned": str(tck.path), "layers": rows, "skipped": skipped,
         "changed_vectors": vectors, "table_ranks": list(TABLE_RANKS),
-        "summary": {"layers": len(rows), "exact_layers": sum(r["exact"] for r in rows),
+        "summary": {"family": family, "layers": len(rows), "exact_layers": sum(r["exact"] for r in rows),
                     "skipped": len(skipped), "changed_vectors": len(vectors),
                     "wall_time_s": time.perf_counter() - t0},
     }
@@ -665,4 +792,5 @@ def _spectrum_row(pair: TensorPair, s: torch.Tensor, total: float, base_norm: fl
         "energy_rank": energy_rank, "rank_table": table, "exact": is_exact,
         "captured_energy": min(captured / total, 1.0),
         "singular_values": [float(x) for x in s],
+        **({"rows": list(pair.ref.rows)} if pair.ref is not None and pair.ref.rows is not None else {}),
     }
