@@ -51,7 +51,7 @@ SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alp
             ".lora_A.weight": "down", ".lora_B.weight": "up"}
 #: ComfyUI CLIP name → pipeline component (SDXL's CLIP-L is ``clip_l``, its bigG ``clip_g``)
 CLIP_COMPONENTS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
-NEEDS_FAMILY = "comfy output needs a Stable Diffusion family adapter; pass --base CKPT (the SD checkpoint it is for)"
+NEEDS_FAMILY = "comfy output needs a Stable Diffusion family adapter; pass --base CKPT (the SD checkpoint it is for) or --family"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -146,7 +146,7 @@ def _family(adapter: Adapter) -> str | None:
     if by_width in fits:
         return by_width
     raise LoraToolsError(f"comfy output: the layers fit several model families ({', '.join(fits)}) whose ComfyUI keys "
-                         "differ; pass --base CKPT (the SD checkpoint it is for)")
+                         "differ; pass --base CKPT (the SD checkpoint it is for) or --family")
 
 
 def comfy_keys(adapter: Adapter) -> dict[str, str]:
