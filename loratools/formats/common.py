@@ -51,6 +51,18 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return safe_load_pickle(path), {}
 
 
+def family_of_metadata(meta: dict[str, str]) -> str | None:
+    """The model family the sd-scripts metadata of a kohya / LyCORIS file names (``ss_base_model_version``, ``ss_v2``), or None."""
+    version = meta.get("ss_base_model_version", "")
+    if version.startswith("sdxl_"):
+        return "sdxl"
+    if version.startswith("sd_v2") or meta.get("ss_v2") == "True":
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd15"
+    return None
+
+
 def check_resolved(adapter) -> None:
     """Writers that need module paths refuse kohya stems that no base resolved."""
     if not adapter.resolved:

@@ -24,6 +24,7 @@ from loratools.formats.common import (
     embed_extra_tensors,
     embed_peft_config,
     embedding_metadata,
+    family_of_metadata,
     lora_from_parts,
     note_zero_alphas,
     read_single_file,
@@ -61,7 +62,8 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         if suffix not in LORA_SUFFIXES:
             raise LoraToolsError(f"{source}: unknown key layout {key!r} (expected <stem>.lora_down.weight / .lora_up.weight / .alpha)")
         groups.setdefault(stem, {})[LORA_SUFFIXES[suffix]] = t
-    adapter = Adapter(layers={}, format="kohya", metadata=dict(metadata), source=source, resolved=False)
+    adapter = Adapter(layers={}, format="kohya", metadata=dict(metadata), source=source, resolved=False,
+                      provenance={"family": family_of_metadata(metadata)})
     take_peft_config(adapter)
     for stem, p in groups.items():
         layer = lora_from_parts(p, f"{source}: {stem}", ("lora_down.weight", "lora_up.weight"))

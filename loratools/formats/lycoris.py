@@ -32,6 +32,7 @@ from loratools.adapter import Adapter, FullLayer, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     check_factor,
+    family_of_metadata,
     note_zero_alphas,
     read_single_file,
     stored_alpha,
@@ -249,7 +250,8 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         if not is_lycoris_suffix(suffix):
             raise LoraToolsError(f"{source}: unknown key layout {key!r} (not a LoRA/LyCORIS tensor name)")
         groups.setdefault(stem, {})[suffix] = t
-    adapter = Adapter(layers={}, format="lycoris", metadata=dict(metadata), source=source, resolved=False)
+    adapter = Adapter(layers={}, format="lycoris", metadata=dict(metadata), source=source, resolved=False,
+                      provenance={"family": family_of_metadata(metadata)})
     take_peft_config(adapter)
     for stem, p in groups.items():
         p.pop("scalar", None)

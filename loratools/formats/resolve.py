@@ -27,12 +27,11 @@ AUTO = "auto"
 
 def resolve(adapter: Adapter, base: Checkpoint | None, family: str | None = None) -> None:
     """Canonical names for ``adapter``'s layers, in place (see the module docstring)."""
-    naming, fam = family_naming(adapter, base, family)
+    naming, fam, source = family_naming(adapter, base, family)
     if naming is not None:
         _apply_family(adapter, naming, fam, base)
-        if adapter.family:  # how sure the family is: SD1 and SD2 share every name, only a base or --family tells
-            from_base = base is not None and base.family() is not None
-            adapter.provenance["family_from"] = "base" if from_base else "names" if family in (None, AUTO) else "option"
+        if adapter.family:  # how sure the family is: SD1 and SD2 share every name; a base, --family or metadata tells
+            adapter.provenance["family_from"] = source
     if base is not None:
         resolve_names(adapter, base)
 
@@ -43,7 +42,11 @@ def check_family(base, family: str | None) -> None:
 
 
 def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None):
-    """``(naming, family name)`` that names ``adapter``'s layers, or ``(None, None)``."""
+    """``(naming, family name, where it came from)`` that names ``adapter``'s layers, or ``(None, None, None)``.
+
+    In order: the base checkpoint's family ("base"), ``--family`` ("option"), the family the adapter's own metadata
+    names (``adapter.provenance["family"]``, e.g. kohya's ``ss_base_model_version``: "metadata"), the family whose
+    names the adapter uses ("names")."""
     explicit = family not in (None, AUTO)
     if explicit and family not in FAMILIES:
         raise LoraToolsError(f"unknown --family {family!r}; expected auto or one of {', '.join(FAMILIES)}")
@@ -53,11 +56,16 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
     names = [n for name, la in adapter.layers.items() for n in (name, la.meta.get("kohya_stem")) if n]
     if base is not None and base.naming() is not None:
         _check_same_family(adapter, names, base_family[0], base)
-        return base.naming(), base_family[0]
+        return base.naming(), base_family[0], "base"
     if explicit:
-        return naming_for(family), family
-    found = detect_adapter(names) if base_family is None else (base_family[0], None)
-    return (naming_for(found[0]), found[0]) if found else (None, None)
+        return naming_for(family), family, "option"
+    if base_family is not None:
+        return naming_for(base_family[0]), base_family[0], "base"
+    found = detect_adapter(names)
+    hint = adapter.provenance.get("family")
+    if found and hint in FAMILIES:  # the adapter's names are SD names and its metadata says which SD
+        return naming_for(hint), hint, "metadata"
+    return (naming_for(found[0]), found[0], "names") if found else (None, None, None)
 
 
 def _check_same_family(adapter: Adapter, names: list[str], family: str, base: Checkpoint) -> None:
