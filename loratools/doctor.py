@@ -149,10 +149,15 @@ def check_mixed_dora(ctx: Context, rule: Rule) -> dict | None:
     return {"modules": [n for n in ctx.adapter.layers if n not in with_mag]}
 
 
+def _is_base_copy(key: str) -> bool:
+    """PEFT's copy of an adapted embedding's base weight (``save_embedding_layers``): engines skip it."""
+    return ".base_layer." in key
+
+
 def _saved_modules(ad: Adapter) -> list[str]:
     from loratools.formats.peft import PREFIX
 
-    mods = {k[len(PREFIX):] if k.startswith(PREFIX) else k for k in ad.extra_tensors}
+    mods = {k[len(PREFIX):] if k.startswith(PREFIX) else k for k in ad.extra_tensors if not _is_base_copy(k)}
     return sorted({m.rpartition(".")[0] if m.endswith((".weight", ".bias")) else m for m in mods})
 
 
@@ -322,6 +327,8 @@ def fix_adapter(ctx: Context, findings: list[Finding]) -> tuple[Adapter, list[di
                         f"({len(extra)} full tensor(s)): {target} cannot load them; merge them into the base instead")
         extra = {}
         config["modules_to_save"] = None
+    if drop:  # PEFT's saved base-layer copies of dropped modules go with them
+        extra = {k: v for k, v in extra.items() if not any(f".{n}.base_layer." in f".{k}" for n in drop)}
     fold = any(c in acting for c in ("dora", "dora_axis", "mixed_dora"))
     if fold and base is None:
         raise LoraToolsError("folding DoRA magnitudes needs --base CKPT (the DoRA norm is taken over W + ΔW)")
