@@ -187,11 +187,14 @@ def _explain(la: Layer, lb: Layer, fa, fb, na2: float, nb2: float, notes: list[s
     resid2 = max(nb2 - ip * ip / na2, 0.0)
     if math.sqrt(resid2 / nb2) < EXPLAINS:
         hint = f"ΔW_B = {c:.6g} × ΔW_A: a scale difference"
-        ranks = {int(la.rank), int(lb.rank)}
-        for r in ranks:
-            for ratio, what in ((math.sqrt(r), "rsLoRA (alpha/√r vs alpha/r)"),):
-                if r > 1 and (abs(c - ratio) < 1e-4 * ratio or abs(c - 1 / ratio) < 1e-4 / ratio):
-                    hint += f"; ×√{r} is {what}"
+        sa, sb = getattr(la, "scale", None), getattr(lb, "scale", None)
+        if getattr(la, "rslora", False) != getattr(lb, "rslora", False):
+            hint += "; rsLoRA on one side only (alpha/√r vs alpha/r)"
+        elif sa is not None and sb is not None and not math.isclose(sa, sb, rel_tol=1e-6):
+            hint += "; the scales read differ (alpha in the config / alpha_pattern / .alpha tensor / metadata?)"
+        elif la.rank == lb.rank and la.rank > 1 and any(
+                math.isclose(c, x, rel_tol=1e-4) for x in (math.sqrt(la.rank), 1 / math.sqrt(la.rank))):
+            hint += f"; ×√{la.rank}: an rsLoRA scale folded into one side's factors?"
         notes.append(hint + f" (A: {scale_text(la)}; B: {scale_text(lb)})")
         return
     m, n = la.matrix_shape
