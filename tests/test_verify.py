@@ -324,3 +324,17 @@ def test_convert_dtype_fp32_of_fp16_structured_layers_is_exact(cli, tmp_path):
            "--dtype", "fp32", "-q")
     code, doc = verify(cli, SAMPLES / "lycoris.safetensors", out, "--base", UNET_BASE)
     assert code == 0, failing(doc)
+
+
+def test_help_does_not_import_torch_and_json_errors(cli, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom loratools.cli import main\ntry:\n    main(['verify', '--help'])\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\nprint('TORCH', 'torch' in sys.modules, file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Usage:" in res.stdout and "TORCH False" in res.stderr, res.stderr
+    res = cli("verify", SAMPLES / "peft_lora", tmp_path / "missing", "--json")
+    assert res.exit_code == 1 and json.loads(res.stdout)["exit_code"] == 1
+    res = cli("verify", SAMPLES / "peft_lora", SAMPLES / "peft_lora", "--tol", "-1")
+    assert res.exit_code == 2 and "--tol" in res.stderr
