@@ -154,12 +154,20 @@ def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOption
     if options.dtype not in _DTYPES:
         raise LoraToolsError(f"GGUF LoRA tensors are f32, f16 or bf16, not {options.dtype}; pass --dtype fp32/fp16/bf16")
     kind = _DTYPES[options.dtype]
-    if adapter.extra_tensors:
-        first = next(iter(adapter.extra_tensors))
+    # PEFT's save_embedding_layers copies of the base layer (``….base_layer.weight``) are the base's own weights:
+    # dropped, as llama.cpp's converter skips them; modules_to_save tensors *replace* weights: refused
+    copies = [k for k in adapter.extra_tensors if k.endswith(".base_layer.weight")]
+    replaced = [k for k in adapter.extra_tensors if k not in copies]
+    if replaced:
         raise LoraToolsError(
-            f"{len(adapter.extra_tensors)} modules_to_save tensor(s) (e.g. {first}) replace base weights, which a GGUF "
+            f"{len(replaced)} modules_to_save tensor(s) (e.g. {replaced[0]}) replace base weights, which a GGUF "
             "LoRA cannot hold (llama.cpp loads only lora_a/lora_b pairs); bake them into the base model or drop them "
             "from the adapter first"
+        )
+    if copies:
+        adapter.warnings.append(
+            f"{len(copies)} saved base-layer copies (e.g. {copies[0]}; PEFT save_embedding_layers) not written: a GGUF "
+            "LoRA holds only lora_a/lora_b pairs; if the vocabulary was resized, convert the base GGUF from that model"
         )
     arch = getattr(gguf.MODEL_ARCH, base.arch)
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
