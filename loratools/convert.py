@@ -84,18 +84,19 @@ def check_convertible(adapter: Adapter, to_format: str, fold_dora: bool, base: C
             )
         if layer.magnitude is None or fold_dora:
             continue
-        if spec.dora is None:
-            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in {spec.name} format "
-                                 "(use --to peft or kohya, or --fold-dora)")
+        # the layer as it will be written (plain LoRA, same magnitude): does the target hold that magnitude?
+        probe = LoraLayer(down=torch.zeros(1, 1), up=torch.zeros(1, 1), magnitude=layer.magnitude,
+                          magnitude_axis=layer.magnitude_axis)
+        if spec.dora is None:  # the format's own reason where it gives one
+            why = spec.refuse(name, probe) or (f"DoRA magnitudes cannot be written in {spec.name} format "
+                                               "(use --to peft or kohya, or --fold-dora)")
+            raise LoraToolsError(f"{name}: {why}")
         if spec.dora_all_or_none and base is None and not all(la.magnitude is not None for la in adapter.layers.values()):
             plain = sum(la.magnitude is None for la in adapter.layers.values())
             raise LoraToolsError(
                 f"{spec.dora_all_or_none} is adapter-wide but {plain} layer(s) have no DoRA magnitude (e.g. {name} has one): "
                 "pass --base to give the plain layers the exact identity magnitude ‖W+ΔW‖, or --fold-dora"
             )
-        # the layer as it will be written (plain LoRA, same magnitude): does the target hold that magnitude?
-        probe = LoraLayer(down=torch.zeros(1, 1), up=torch.zeros(1, 1), magnitude=layer.magnitude,
-                          magnitude_axis=layer.magnitude_axis)
         why = spec.refuse(name, probe)
         if why:
             raise LoraToolsError(f"{name}: {why}")
