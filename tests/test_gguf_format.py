@@ -327,3 +327,19 @@ def test_gguf_is_imported_lazily():
     code = "import sys, loratools.formats, loratools.cli\nassert 'gguf' not in sys.modules"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_extract_resize_merge_write_gguf_too(cli, tmp_path):
+    """--to gguf is a format like the others: extract (its --base), resize and merge (--base) write it."""
+    cli.ok("extract", "--base", SAMPLES / "base", "--tuned", SAMPLES / "tuned", "--to", "gguf", "-o", tmp_path / "e.gguf",
+           "--rank", "4")
+    cli.ok("resize", SAMPLES / "peft_lora", "--rank", "4", "--to", "gguf", "-o", tmp_path / "r.gguf", "--base",
+           SAMPLES / "base")
+    cli.ok("merge", SAMPLES / "peft_lora", SAMPLES / "kohya_lora.safetensors", "--to", "gguf", "-o",
+           tmp_path / "m.gguf", "--base", SAMPLES / "base")
+    for name in ("e", "r", "m"):
+        fields, tensors = read_gguf(tmp_path / f"{name}.gguf")
+        assert fields["general.architecture"] == "llama" and "blk.1.ffn_down.weight.lora_b" in tensors
+    cli.fails("resize", SAMPLES / "peft_lora", "--rank", "4", "--to", "gguf", "-o", tmp_path / "x.gguf",
+              match="needs --base")
+    assert not (tmp_path / "x.gguf").exists()
