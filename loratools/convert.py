@@ -84,18 +84,19 @@ def check_convertible(adapter: Adapter, to_format: str, fold_dora: bool, base: C
             )
         if layer.magnitude is None or fold_dora:
             continue
-        if spec.dora is None:
-            raise LoraToolsError(f"{name}: DoRA magnitudes cannot be written in {spec.name} format "
-                                 "(use --to peft or kohya, or --fold-dora)")
+        # the layer as it will be written (plain LoRA, same magnitude): does the target hold that magnitude?
+        probe = LoraLayer(down=torch.zeros(1, 1), up=torch.zeros(1, 1), magnitude=layer.magnitude,
+                          magnitude_axis=layer.magnitude_axis)
+        if spec.dora is None:  # the format's own reason where it gives one
+            why = spec.refuse(name, probe) or (f"DoRA magnitudes cannot be written in {spec.name} format "
+                                               "(use --to peft or kohya, or --fold-dora)")
+            raise LoraToolsError(f"{name}: {why}")
         if spec.dora_all_or_none and base is None and not all(la.magnitude is not None for la in adapter.layers.values()):
             plain = sum(la.magnitude is None for la in adapter.layers.values())
             raise LoraToolsError(
                 f"{spec.dora_all_or_none} is adapter-wide but {plain} layer(s) have no DoRA magnitude (e.g. {name} has one): "
                 "pass --base to give the plain layers the exact identity magnitude ‖W+ΔW‖, or --fold-dora"
             )
-        # the layer as it will be written (plain LoRA, same magnitude): does the target hold that magnitude?
-        probe = LoraLayer(down=torch.zeros(1, 1), up=torch.zeros(1, 1), magnitude=layer.magnitude,
-                          magnitude_axis=layer.magnitude_axis)
         why = spec.refuse(name, probe)
         if why:
             raise LoraToolsError(f"{name}: {why}")
@@ -113,7 +114,8 @@ def stored_error(layer: Layer, new: LoraLayer, dtype: torch.dtype) -> float:
     return math.sqrt(factored_norm2(torch.cat([l1, -l0], 1), torch.cat([r1, r0], 1)) / total) if total > 0 else 0.0
 
 
-def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer | None, float, float]:
+def _to_lora(layer: Layer, rule: RankRule | None, out_dtype: torch.dtype | None = None
+             ) -> tuple[LoraLayer | None, float, float]:
     """Exact SVD from the structure → (LoRA layer, retained energy fraction, relative error).
 
     The layer is None when nothing is kept (a zero delta, or a rule that keeps no singular value): rank 0,
@@ -136,7 +138,7 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer | None, flo
         left, right = layer.factors(dtype)
         if not bool(((left.norm(dim=0) > 0) & (right.norm(dim=0) > 0)).any()):
             return None, 0.0, 0.0
-        return lora_from_factors(left, right, layer.shape, layer.dtype), 1.0, 0.0
+        return lora_from_factors(left, right, layer.shape, out_dtype or layer.dtype), 1.0, 0.0
     else:
         if isinstance(layer, LokrLayer):  # spectrum first (products), then only the kept Kronecker vectors
             s_all = spectrum(layer, dtype)
@@ -154,7 +156,7 @@ def _to_lora(layer: Layer, rule: RankRule | None) -> tuple[LoraLayer | None, flo
         return None, 1.0 - tail / total if total > 0 else 0.0, math.sqrt(tail / total) if total > 0 else 0.0
     energy = 1.0 - tail / total if total > 0 else 1.0
     err = math.sqrt(tail / total) if total > 0 else 0.0
-    out = lora_from_svd(u, s, vh, layer.shape, layer.dtype)
+    out = lora_from_svd(u, s, vh, layer.shape, out_dtype or layer.dtype)  # new factors: rounded once, to the output
     return out, energy, err
 
 
@@ -242,7 +244,7 @@ def convert_adapter(
             else:
                 if getattr(layer, "embedding", False):
                     raise LoraToolsError(f"{name}: rank rules on embedding LoRA layers are not supported")
-                lora, energy, err = _to_lora(layer, rule)
+                lora, energy, err = _to_lora(layer, rule, dtype)
                 if lora is None:  # rank 0: nothing to write
                     dropped.append(name)
                     rows.append(asdict(LayerConversion(name, src_type, list(layer.shape), layer.rank, 0, energy, err,

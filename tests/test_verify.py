@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loratools.formats import FORMATS
+from loratools.formats import FORMATS, READ_FORMATS
 from tests.conftest import SAMPLES
 
 BASE = SAMPLES / "base"
@@ -291,14 +291,15 @@ def _out(tmp_path: Path, fmt: str) -> Path:
     return tmp_path / ("out" if fmt == "peft" else "out.safetensors")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f in READ_FORMATS])  # what can be read back
 @pytest.mark.parametrize("src", SOURCES)
 def test_every_writer_verifies_against_its_input(cli, tmp_path, src, fmt):
     path, base, tol = SOURCES[src]
     out = _out(tmp_path, fmt)
     res = cli("convert", path, "--to", fmt, "-o", out, "--base", base, "-q")
     if res.exit_code != 0:
-        assert "cannot be written" in res.stderr, res.output  # only a refusal the target states is acceptable
+        # only a refusal the target states is acceptable (comfy: ComfyUI keys exist for SD families only)
+        assert "cannot be written" in res.stderr or "needs a Stable Diffusion family" in res.stderr, res.output
         pytest.skip(res.stderr.strip())
     code, doc = verify(cli, path, out, "--base", base, *tol)
     assert code == 0, [(m["name"], m["relative_difference"], m["notes"]) for m in doc["modules"] if not m["within_tol"]]
@@ -316,8 +317,6 @@ def test_resize_without_rank_change_verifies(cli, tmp_path, src):
     assert code == 0, [(m["name"], m["relative_difference"], m["notes"]) for m in doc["modules"] if not m["within_tol"]]
 
 
-@pytest.mark.xfail(strict=True, reason="convert builds the new factors in the input dtype (fp16) before --dtype "
-                   "casts them, and reports relative_error 0: found by verify")
 def test_convert_dtype_fp32_of_fp16_structured_layers_is_exact(cli, tmp_path):
     out = tmp_path / "o.safetensors"
     cli.ok("convert", SAMPLES / "lycoris.safetensors", "--to", "kohya", "-o", out, "--base", UNET_BASE,

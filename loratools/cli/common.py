@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 # Choices shown in --help; kept equal to the library's tuples by tests/test_cli_ux.py (importing the
 # library here would import torch for every --help).
-FORMATS = ("peft", "kohya", "diffusers", "comfy")  # loratools.formats.FORMATS
+FORMATS = ("peft", "kohya", "diffusers", "comfy", "gguf")  # loratools.formats.FORMATS
 MERGE_METHODS = ("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
                  "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # loratools.merge.METHODS
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # formats.common.COMPONENTS

@@ -38,9 +38,10 @@ from loratools.errors import LoraToolsError
 @main.command("convert")
 @click.argument("adapter", type=click.Path())
 @click.option("--to", "to_format", required=True, type=click.Choice(FORMATS), help="Output format.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file (kohya, diffusers, comfy) or folder (peft).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file (kohya, diffusers, comfy: .safetensors; gguf: .gguf) or folder (peft).")
 @click.option("--base", type=click.Path(), default=None,
-              help="Base checkpoint: resolves kohya/LyCORIS names, gives conv kernel shapes, exact DoRA moves, --fold-dora.")
+              help="Base checkpoint: resolves kohya/LyCORIS names, gives conv kernel shapes, exact DoRA moves, --fold-dora; "
+                   "--to gguf needs it (the HF folder: its config.json).")
 @in_format_option
 @rank_rule_options
 @click.option("--fold-dora", is_flag=True, help="Fold DoRA magnitudes into plain LoRA (needs --base).")
@@ -66,11 +67,18 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     """
     from loratools.checkpoint import Checkpoint
     from loratools.convert import check_convertible, convert_adapter
-    from loratools.formats import check_output_name, load_adapter, output_is_folder, save_adapter
+    from loratools.formats import (
+        check_base_for,
+        check_output_name,
+        load_adapter,
+        output_is_folder,
+        save_adapter,
+    )
     from loratools.formats.common import check_output
 
     out_path = check_output(out, force, [adapter, base], is_dir=output_is_folder(to_format))
     check_output_name(to_format, out_path)
+    check_base_for(to_format, base)
     if fold_dora and base is None:
         raise LoraToolsError("--fold-dora needs --base CKPT (the DoRA norm is taken over W + ΔW)")
     rule = make_rule(rank, energy, ratio, threshold, max_rank)
@@ -81,7 +89,7 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
                                 progress=lambda it, n: progress(it, n, "convert", quiet))
     save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component,
-                 force_component=bool(component), kohya_style=kohya_style)
+                 force_component=bool(component), kohya_style=kohya_style, base=ckpt)
     doc = {"input": str(adapter), "input_format": ad.format, "output": str(out_path), "format": to_format,
            "rule": rule.describe() if rule else "exact", "layers": len(new.layers), "params": new.num_params,
            "source_params": ad.num_params, "per_layer": rows, "warnings": new.warnings}

@@ -83,13 +83,14 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     energy Σσᵢ²/‖ΔW‖² and relative Frobenius error (the Eckart–Young optimum for that rank).
     """
     from loratools.extract import ExtractOptions, extract, output_size
-    from loratools.formats import check_output_name, output_is_folder, save_adapter
+    from loratools.formats import check_base_for, check_output_name, output_is_folder, save_adapter
     from loratools.formats.common import check_output
     from loratools.formats.resolve import check_family
     from loratools.linalg import RankRule
 
     out_path = check_output(out, force, [base, tuned], is_dir=output_is_folder(out_format))
     check_output_name(out_format, out_path)
+    check_base_for(out_format, base)
     rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
     check_family(base, family)
     options = ExtractOptions(
@@ -99,7 +100,7 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
         format=out_format, power_iters=power_iters, power_tol=power_tol,
     )
     result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet))
-    save_adapter(result.adapter, out_path, out_format, force=force, kohya_style=kohya_style)
+    save_adapter(result.adapter, out_path, out_format, force=force, kohya_style=kohya_style, base=base)
     s = result.summary
     s["output"] = str(out_path)
     s["file_size_bytes"] = output_size(Path(out_path))

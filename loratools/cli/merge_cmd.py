@@ -76,7 +76,13 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
                   base, dtype, force, allow_nonfinite, family, kohya_style, as_json, quiet):
     from loratools.checkpoint import Checkpoint
     from loratools.device import resolve_device
-    from loratools.formats import check_output_name, load_adapter, output_is_folder, save_adapter
+    from loratools.formats import (
+        check_base_for,
+        check_output_name,
+        load_adapter,
+        output_is_folder,
+        save_adapter,
+    )
     from loratools.formats.common import check_output
     from loratools.merge import merge_adapters, parse_weighted_spec
 
@@ -88,6 +94,7 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     ckpt = Checkpoint(base) if base else None
     if out_format:
         check_output_name(out_format, out_path)
+        check_base_for(out_format, base)
     inputs = [(load_adapter(p, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), w) for p, w in parsed]
     check_output_name(out_format or inputs[0][0].format, out_path)
     merged, report = merge_adapters(
@@ -98,7 +105,7 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     if not merged.layers:
         raise LoraToolsError("the weighted adapters cancel out: every merged layer is zero, nothing to write")
     fmt_out = out_format or merged.format
-    save_adapter(merged, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style)
+    save_adapter(merged, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style, base=ckpt)
     doc = {"inputs": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}
                       for (p, w), (ad, _) in zip(parsed, inputs)],
            "output": str(out_path), "format": fmt_out, "params": merged.num_params, **report.as_dict()}

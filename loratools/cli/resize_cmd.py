@@ -70,7 +70,13 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     Layers whose rank does not change are copied bit-exactly. Format and metadata are kept
     (kohya ss_network_dim/alpha and PEFT r/lora_alpha/rank_pattern are updated).
     """
-    from loratools.formats import check_output_name, load_adapter, output_is_folder, save_adapter
+    from loratools.formats import (
+        check_base_for,
+        check_output_name,
+        load_adapter,
+        output_is_folder,
+        save_adapter,
+    )
     from loratools.formats.common import check_output
     from loratools.resize import Prune, adapter_bytes, resize_adapter
 
@@ -84,12 +90,13 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     dt = parse_dtype(dtype)
     if to_format:
         check_output_name(to_format, out_path)
+        check_base_for(to_format, base)
     ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite, family=family)
     check_output_name(to_format or ad.format, out_path)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
                                  progress=lambda it, n: progress(it, n, "resize", quiet))
     fmt_out = to_format or ad.format
-    save_adapter(new, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style)
+    save_adapter(new, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style, base=base)
     totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))
     warnings = list(new.warnings) + report.warnings  # the input's, then the writer's (new.warnings), then resize's
     if as_json:

@@ -9,19 +9,20 @@ import torch
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.formats import comfy, diffusers, kohya, lycoris, peft
+from loratools.formats import comfy, diffusers, gguf, kohya, lycoris, peft
 from loratools.formats.common import adapter_file, file_keys
 from loratools.formats.naming import adapter_component, check_single_component
 from loratools.formats.resolve import resolve, resolve_names  # noqa: F401  (resolve_names: public API)
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 #: every format, in detection order (a new format is one module with a ``FORMAT`` and one entry here)
-REGISTRY: dict[str, AdapterFormat] = {f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, lycoris.FORMAT,
-                                                            comfy.FORMAT)}
+REGISTRY: dict[str, AdapterFormat] = {
+    f.name: f for f in (peft.FORMAT, kohya.FORMAT, diffusers.FORMAT, lycoris.FORMAT, comfy.FORMAT, gguf.FORMAT)
+}
 #: formats that can be written (output choices)
 FORMATS = tuple(name for name, f in REGISTRY.items() if f.write is not None)
-#: formats that can be read (input choices, besides "auto")
-READ_FORMATS = tuple(REGISTRY)
+#: formats that can be read (detected from a file's keys or a folder); write-only formats (gguf) are not
+READ_FORMATS = tuple(name for name, f in REGISTRY.items() if f.read is not None)
 
 
 def get_format(name: str) -> AdapterFormat:
@@ -46,19 +47,28 @@ def output_is_folder(format: str | None) -> bool | None:
 def check_output_name(format: str, out: str | Path) -> None:
     """Refuse, before any work, an output name the format's file cannot carry.
 
-    Single-file formats write one safetensors file: a name ending in another suffix (``.bin``, ``.pt``,
-    ``.ckpt``…) makes loaders take it for a pickle (ComfyUI, sd-webui and diffusers pick the reader by suffix).
-    A name without any suffix is accepted (loratools recognises the file by its content).
+    Single-file formats write one file of their own kind (``spec.suffix``: safetensors, or ``.gguf``): a
+    safetensors file named ``.bin``, ``.pt``, ``.ckpt``… makes loaders take it for a pickle (ComfyUI, sd-webui and
+    diffusers pick the reader by suffix). A name without any suffix is accepted (loratools recognises the file by
+    its content).
     """
     spec = writer_of(format)
     if spec.folder:
         return
     suffix = Path(out).suffix
-    if suffix and suffix.lower() != ".safetensors":
+    if suffix and suffix.lower() != spec.suffix:
         raise LoraToolsError(
-            f"{out}: a {spec.name} adapter is a .safetensors file, but the output name ends in {suffix!r}; "
-            "name it *.safetensors"
+            f"{out}: a {spec.name} adapter is a {spec.suffix} file, but the output name ends in {suffix!r}; "
+            f"name it *{spec.suffix}"
         )
+
+
+def check_base_for(format: str, base: str | Path | Checkpoint | None) -> None:
+    """Refuse, before any work, a missing or unusable ``--base`` for a format that needs the base model to write
+    (GGUF names the base's own tensors); nothing for the others."""
+    spec = writer_of(format)
+    if spec.check_base is not None:
+        spec.check_base(None if base is None else base.path if isinstance(base, Checkpoint) else Path(base))
 
 
 def drop_empty_layers(adapter: Adapter, why: str = "") -> None:
@@ -135,6 +145,8 @@ def load_adapter(
         found = detect_format(path)
         if found != format and writer_of(found).name == format:  # a variant the named format's files may hold
             spec = get_format(found)
+    if spec.read is None:
+        raise LoraToolsError(f"{path}: reading {spec.name} adapters is not supported (loratools writes them)")
     adapter = spec.read(path)
     adapter.check_finite(allow_nonfinite)
     ckpt = None if base is None else base if isinstance(base, Checkpoint) else Checkpoint(base)
@@ -154,14 +166,18 @@ def save_adapter(
     component: str | None = None,
     force_component: bool = False,
     kohya_style: str | None = None,
+    base: Checkpoint | str | Path | None = None,
 ) -> None:
     """Write ``adapter`` in ``format`` atomically (temp file/folder + rename). ``component`` is the pipeline
     component (``unet``, ``transformer``, …) of layers whose names carry none, for formats that name components
     (default: :func:`~loratools.formats.naming.adapter_component`'s guess, else unet); with ``force_component``
-    it is every layer's component (the user's ``--component``; refused for a multi-component adapter)."""
+    it is every layer's component (the user's ``--component``; refused for a multi-component adapter). ``base`` is the
+    base model (a :class:`~loratools.checkpoint.Checkpoint` or its path) for formats that need it (GGUF)."""
     out = Path(out)
     spec = writer_of(format)
     check_output_name(spec.name, out)
+    check_base_for(spec.name, base)
+    base_path = None if base is None else base.path if isinstance(base, Checkpoint) else Path(base)
     drop_empty_layers(adapter)
     why = refusal(spec.name, adapter.layers)
     if why:
@@ -169,5 +185,5 @@ def save_adapter(
     if force_component and component:
         check_single_component(adapter, component)
     options = WriteOptions(dtype=dtype, kohya_prefix=kohya_prefix, component=component or adapter_component(adapter.layers),
-                           force_component=force_component, kohya_style=kohya_style)
+                           force_component=force_component, kohya_style=kohya_style, base=base_path)
     spec.write(adapter, out, force, options)

@@ -33,6 +33,9 @@ class WriteOptions:
     #: default: ComfyUI, A1111/Forge and diffusers all load it) or "original" (``lora_unet_input_blocks_…``); None
     #: keeps each layer's source stem where it has one
     kohya_style: str | None = None
+    #: the base model the adapter is for (the user's ``--base``), for formats whose files name the base's own tensors
+    #: (GGUF: architecture, tensor names and the q/k row order come from its ``config.json``); None if not given
+    base: Path | None = None
 
 
 def no_refusal(name: str, layer: Layer) -> str | None:
@@ -52,8 +55,11 @@ class AdapterFormat:
     * ``dora``: the DoRA convention it stores (:data:`loratools.dora.PEFT` / ``LYCORIS``), None if it cannot hold
       DoRA; ``dora_all_or_none`` names the adapter-wide DoRA switch where DoRA is all or nothing
       (PEFT's ``use_dora``).
-    * ``folder``: written as a folder (else one ``.safetensors`` file); ``priority`` breaks ties in detection
-      (higher wins) where two formats claim every key of a file.
+    * ``folder``: written as a folder (else one file named ``*<suffix>``, ``.safetensors`` by default); ``priority``
+      breaks ties in detection (higher wins) where two formats claim every key of a file. ``detect`` may also
+      recognise a file by its signature (GGUF's magic).
+    * ``check_base(path | None)``: formats that need the base model to write (GGUF) check the user's ``--base``
+      here, before any work (None: no ``--base`` given), and raise a one-line error; None where no base is needed.
     * ``plain_lora_metadata(metadata, layers)``: the source metadata once ``convert`` made every layer plain LoRA
       (LyCORIS rewrites its network module and algo); None keeps it as it is.
     """
@@ -61,7 +67,7 @@ class AdapterFormat:
     name: str
     summary: str
     folder: bool
-    read: Callable[[Path], Adapter]
+    read: Callable[[Path], Adapter] | None
     write: Callable[[Adapter, Path, bool, WriteOptions], None] | None = None
     claims: Callable[[str], bool] | None = None
     detect: Callable[[Path], bool] | None = None
@@ -71,3 +77,5 @@ class AdapterFormat:
     writes_as: str | None = None
     priority: int = 0
     plain_lora_metadata: Callable[[dict[str, str], dict[str, Layer]], dict[str, str]] | None = None
+    suffix: str = ".safetensors"
+    check_base: Callable[[Path | None], None] | None = None
