@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import PROGRESS_LINE, ROOT, SAMPLES, error_line
 
-COMMANDS = ["inspect", "extract", "spectrum", "resize", "merge", "convert", "bake"]
+COMMANDS = ["inspect", "extract", "spectrum", "resize", "merge", "convert", "bake", "verify", "doctor"]
 
 
 def _run(*args: str, close_stdout: bool = False) -> subprocess.CompletedProcess:
