@@ -292,7 +292,10 @@ class Checkpoint:
             from loratools.families import naming_for
 
             fam = self.family()
-            self._naming = naming_for(fam[0], _Shapes(self)) if fam and fam[1] != "diffusers" else None
+            try:
+                self._naming = naming_for(fam[0], _Shapes(self)) if fam and fam[1] != "diffusers" else None
+            except ValueError:  # keys of the family's layout but not its structure (a Flux file under diffusion_model.)
+                self._naming = None
         return self._naming
 
     def module_refs(self) -> dict[str, ModuleRef]:

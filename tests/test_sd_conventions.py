@@ -87,7 +87,8 @@ def test_peft_holds_one_component(cli, sd, tmp_path):
 
 def test_sdxl_first_text_encoder_is_te1_and_metadata_says_sdxl(cli, sd, tmp_path):
     out = tmp_path / "o.safetensors"
-    cli.ok("convert", sd["src"], "--to", "kohya", "-o", out, "--rank", "1")  # a rewrite: stems come from the family
+    # a rewrite: stems come from the family (the base says which: SD1 and SD2 share every name)
+    cli.ok("convert", sd["src"], "--to", "kohya", "-o", out, "--rank", "1", "--base", sd["base"])
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:

@@ -484,6 +484,8 @@ def detect(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
         return ("sd2", layout)
     if has("cond_stage_model.transformer."):
         return ("sd15", layout)
+    if not has(uprefix + "input_blocks."):  # a diffusion_model. file of another architecture (Flux, SD3…)
+        return None
     if any(k.startswith(uprefix + "label_emb.") for k in ks):
         ib = uprefix + "input_blocks."
         n_in = len({k[len(ib) :].split(".", 1)[0] for k in ks if k.startswith(ib)})

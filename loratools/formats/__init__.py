@@ -182,6 +182,12 @@ def save_adapter(
     why = refusal(spec.name, adapter.layers)
     if why:
         raise LoraToolsError(why)
+    native = [n for n in adapter.layers if comfy.is_comfy_name(n)] if spec is not comfy.FORMAT else []
+    if native:  # ComfyUI keys no family resolved: no other format has a name for them
+        raise LoraToolsError(
+            f"{native[0]}: a ComfyUI key that no known model family resolves ({len(native)} layer(s)); only --to comfy "
+            "can keep it (pass --base CKPT or --family for an SD model)"
+        )
     if force_component and component:
         check_single_component(adapter, component)
     options = WriteOptions(dtype=dtype, kohya_prefix=kohya_prefix, component=component or adapter_component(adapter.layers),

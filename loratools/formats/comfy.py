@@ -132,7 +132,7 @@ def _family(adapter: Adapter) -> str | None:
     agrees on; where they disagree (SD1 and SD2 share their names but not their CLIP), the one the layer widths tell;
     else an error asking for ``--base``."""
     named = [n for n in adapter.layers if not is_comfy_name(n)]
-    sure = adapter.provenance.get("family_from") != "names" or all(  # ComfyUI keys name the CLIP
+    sure = not str(adapter.provenance.get("family_from", "")).startswith("names") or all(  # ComfyUI keys name the CLIP
         adapter.layers[n].meta.get("convention") == "comfy" for n in named)
     if not named or (adapter.family is not None and sure):
         return adapter.family

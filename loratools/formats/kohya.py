@@ -174,7 +174,8 @@ def build_metadata(adapter: Adapter) -> dict[str, str]:
     linear = [la for la in adapter.layers.values() if not la.is_conv]
     conv = [la for la in adapter.layers.values() if la.is_conv]
     meta.setdefault("ss_network_module", "networks.lora")
-    if adapter.family in SAI_METADATA:  # what A1111/Forge and ComfyUI filter LoRAs on (sd-scripts' values)
+    sure = adapter.provenance.get("family_from") != "names-ambiguous"  # SD1 vs SD2 undecided: say nothing
+    if adapter.family in SAI_METADATA and sure:  # what A1111/Forge and ComfyUI filter LoRAs on (sd-scripts' values)
         version, arch = SAI_METADATA[adapter.family]
         meta.setdefault("ss_base_model_version", version)
         meta.setdefault("ss_v2", str(adapter.family == "sd2"))

@@ -16,6 +16,8 @@ operation uses (DESIGN.md §8):
 
 from __future__ import annotations
 
+import re
+
 from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
@@ -61,11 +63,57 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
         return naming_for(family), family, "option"
     if base_family is not None:
         return naming_for(base_family[0]), base_family[0], "base"
-    found = detect_adapter(names)
+    fits = [f for f in FAMILIES if all(_lookup(naming_for(f), n, la) for n, la in adapter.layers.items())]
+    if not fits:  # a family names an adapter only if it knows every one of its layers (LLM, Flux, CLIPModel: none)
+        return None, None, None
     hint = adapter.provenance.get("family")
-    if found and hint in FAMILIES:  # the adapter's names are SD names and its metadata says which SD
+    if hint in fits:  # the adapter's own metadata says which (kohya ss_base_model_version)
         return naming_for(hint), hint, "metadata"
-    return (naming_for(found[0]), found[0], "names") if found else (None, None, None)
+    by_width = family_by_width(adapter) if len(fits) > 1 else None
+    chosen = by_width if by_width in fits else fits[0]
+    return naming_for(chosen), chosen, "names" if len(fits) == 1 or by_width in fits else "names-ambiguous"
+
+
+#: SD1.x and SD2.x share every canonical name but not their text encoder: the width of the text encoder and of the
+#: UNet's cross-attention inputs tells them apart (CLIP-L 768, OpenCLIP-H 1024)
+WIDTHS = {768: "sd15", 1024: "sd2"}
+_WIDTH_LAYER = re.compile(r"(^|\.)(?:unet\..*\.attn2\.to_[kv]|attn2\.to_[kv]|text_model\.encoder\.layers\.\d+\."
+                          r"(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1))$")
+
+
+def family_by_width(adapter: Adapter) -> str | None:
+    """sd15 or sd2 from the input width of cross-attention k/v and text-encoder layers, None if they do not say."""
+    widths: set[int] = set()
+    naming = naming_for("sd15")  # SD1 and SD2 share every name
+    for name, la in adapter.layers.items():
+        found = _lookup(naming, name, la)
+        canonical = found[0] if found else None
+        if canonical and _WIDTH_LAYER.search(canonical) and len(la.shape) >= 2:
+            widths.add(la.shape[1])
+    found = {WIDTHS.get(w) for w in widths}
+    return found.pop() if len(found) == 1 else None
+
+
+def _candidates(name: str, layer) -> list[str]:
+    """Names a layer may be known by: with the component its source file gave it first (a diffusers file of one
+    component drops it: ``text_encoder_2`` must not become the first text encoder), then as read, then its stem."""
+    out = []
+    component = layer.meta.get("component")
+    if component and split_component(name)[0] is None:
+        out.append(f"{component}.{name}")
+    out.append(name)
+    if layer.meta.get("kohya_stem"):
+        out.append(layer.meta["kohya_stem"])
+    return out
+
+
+def _lookup(naming, name: str, layer):
+    """``(canonical, convention)`` of a layer in a family's naming, or None."""
+    for cand in _candidates(name, layer):
+        found = naming.lookup(cand)
+        if found:
+            return found
+    return None
 
 
 def _check_same_family(adapter: Adapter, names: list[str], family: str, base: Checkpoint) -> None:
@@ -90,11 +138,7 @@ def _apply_family(adapter: Adapter, naming, family: str, base: Checkpoint | None
     renamed: dict = {}
     hits = 0
     for name, layer in adapter.layers.items():
-        found = None
-        for cand in (name, layer.meta.get("kohya_stem")):
-            found = naming.lookup(cand) if cand else None
-            if found:
-                break
+        found = _lookup(naming, name, layer)
         if found is None or (base is not None and base.module_ref(found[0]) is None):
             _put(renamed, name, layer, name)
             continue
