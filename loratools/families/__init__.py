@@ -13,10 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import sd
+from . import flux, sd
 from .base import LAYOUTS, ModuleMap
 
+#: the families loratools resolves adapters and checkpoints with (every format knows their conventions)
 FAMILIES: dict[str, sd.SDFamily] = dict(sd.SD_FAMILIES)
+#: every described family, including those not wired into name resolution yet: Flux.1 (``flux``) is described and
+#: tested against diffusers' converters, and joins FAMILIES once the formats write its fused projections
+DESCRIBED: dict[str, Any] = {**FAMILIES, **flux.FLUX_FAMILIES}
 
 
 def get_family(name: str) -> sd.SDFamily:
@@ -42,4 +46,34 @@ def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
     return sd.detect_adapter(names)
 
 
-__all__ = ["FAMILIES", "LAYOUTS", "detect_adapter", "naming_for", "ModuleMap", "detect_family", "get_family", "sd"]
+def detect_described_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
+    """:func:`detect_family` over every described family: SD first, then Flux; SD's answer stands only where the key
+    set has no Flux transformer blocks."""
+    ks = list(keys.keys()) if isinstance(keys, Mapping) else list(keys)
+    got = sd.detect(keys if isinstance(keys, Mapping) else ks)
+    if got is not None and not flux.claims(ks):
+        return got
+    return flux.detect(keys if isinstance(keys, Mapping) else ks)
+
+
+def detect_described_adapter(names: Iterable[str]) -> tuple[str, str] | None:
+    """:func:`detect_adapter` over every described family: SD's answer stands unless Flux names more transformer
+    modules than the best SD family names UNet modules (a Flux LoRA's CLIP-L ``lora_te1_`` names resolve in SD too;
+    its transformer names never do, nor do SD UNet names in Flux)."""
+    names = list(names)
+    got = sd.detect_adapter(names)
+    fl = flux.detect_adapter_hits(names)
+    if fl is None:
+        return got
+    if got is not None:
+        mods = {sd.adapter_module(n) for n in names}
+        unet = max(
+            sum(1 for m in mods if (c := f.naming().resolve(m)) and c.startswith("unet."))
+            for f in sd.SD_FAMILIES.values()
+        )
+        if unet >= fl[2]:
+            return got
+    return fl[0], fl[1]
+
+
+__all__ = ["DESCRIBED", "FAMILIES", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "ModuleMap", "detect_family", "get_family", "sd"]
