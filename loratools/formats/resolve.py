@@ -59,8 +59,8 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
         return base.naming(), base_family[0], "base"
     if explicit:
         return naming_for(family), family, "option"
-    if base_family is not None:
-        return naming_for(base_family[0]), base_family[0], "base"
+    if base_family is not None:  # a diffusers layout: the names of a pipeline folder's own structure where known
+        return base.family_naming() or naming_for(base_family[0]), base_family[0], "base"
     found = detect_adapter(names)
     hint = adapter.provenance.get("family")
     if found and hint in FAMILIES:  # the adapter's names are SD names and its metadata says which SD
