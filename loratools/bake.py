@@ -110,7 +110,8 @@ def bake(
 ) -> dict:
     """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
     base_path = Path(base)
-    known = sorted({e.name for e in base_path.rglob("*") if e.is_file()}) if base_path.is_dir() else []
+    # names an existing output folder may hold to be replaced with --force (a pipeline's: its subfolders too)
+    known = sorted({e.name for e in base_path.rglob("*")}) if base_path.is_dir() else []
     out = check_output(out, force, [base, *(p for p, _ in adapters)], is_dir=base_path.is_dir(), known_names=known)
     ckpt = Checkpoint(base)
     loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), float(w))

@@ -214,6 +214,9 @@ def test_bake_into_folder_equals_bake_into_single_file(cli, sd, tmp_path):
             assert b["metadata"]["total_size"] == a["metadata"]["total_size"]
         else:
             assert path.read_bytes() == dst[rel].read_bytes(), rel
+    cli.fails("bake", sd["src"], "--base", sd["folder"], "-o", out_f, match="--force")
+    cli.ok("bake", sd["src"], "--base", sd["folder"], "-o", out_f, "--force")  # replaces its own pipeline output
+    assert _files(out_f).keys() == src.keys()
     # the libraries load the baked components
     unet = UNet2DConditionModel.from_pretrained(out_f / "unet")
     for k, v in unet.state_dict().items():
@@ -312,3 +315,16 @@ def test_listed_component_without_folder_is_a_one_line_error(cli, sd, tmp_path):
     bad = _copy_folder(sd["folder"], tmp_path / "bad")
     shutil.rmtree(bad / "unet")
     cli.fails("inspect", sd["src"], "--base", bad, match="lists component(s) with no folder: unet")
+
+
+def test_pipeline_family_sd2_by_its_cross_attention_width():
+    from types import SimpleNamespace
+
+    from loratools.families import detect_family
+
+    def keys(width: int) -> dict:
+        return {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": SimpleNamespace(
+            shape=(320, width)), "text_encoder.text_model.encoder.layers.0.mlp.fc1.weight": SimpleNamespace(shape=(4, 4))}
+
+    assert detect_family(keys(1024)) == ("sd2", "diffusers")
+    assert detect_family(keys(768)) == ("sd15", "diffusers")
