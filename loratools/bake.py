@@ -5,7 +5,9 @@ rewritten with the same keys, order and header metadata, and freed before the ne
 adapter touches are copied unchanged; touched ones are updated in float32 (float64 for float64
 weights) and cast back to the base dtype (or ``dtype``). A sharded base gets the same shard names
 and a rewritten ``*.index.json`` (``total_size`` recomputed); every other top-level file (config,
-tokenizer, generation config, ...) is copied.
+tokenizer, generation config, ...) is copied. A diffusers pipeline folder is baked the same way, component by
+component: each weight file keeps its own (unprefixed) keys and its path under the folder, each sharded
+component's index is rewritten, and ``model_index.json`` and every component's other files are copied.
 
 Adapters are applied in the order given, as PEFT's ``merge_and_unload`` merges active adapters:
 plain layers add ``w·ΔW``; a DoRA layer follows the formula of the library it came from, with the
@@ -27,7 +29,7 @@ import torch
 
 from loratools import dora
 from loratools.adapter import Adapter, Layer
-from loratools.checkpoint import Checkpoint, ModuleRef, is_safetensors, open_safetensors, safe_load_pickle
+from loratools.checkpoint import Checkpoint, ModuleRef, is_safetensors
 from loratools.errors import LoraToolsError
 from loratools.formats import load_adapter
 from loratools.formats.common import atomic_path, check_output, save_safetensors
@@ -96,14 +98,6 @@ def apply_layer(current: torch.Tensor, layer: Layer, w: float) -> torch.Tensor:
     return v * dora.broadcast(s, tuple(v.shape), axis)
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], list[str]]:
-    if is_safetensors(path):
-        f = open_safetensors(path)
-        return None, dict(f.metadata() or {}), list(f.keys())
-    sd = safe_load_pickle(path)
-    return sd, {}, list(sd)
-
-
 def bake(
     base: str | Path,
     adapters: list[tuple[str | Path, float]],
@@ -116,7 +110,8 @@ def bake(
 ) -> dict:
     """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
     base_path = Path(base)
-    known = sorted(e.name for e in base_path.iterdir() if e.is_file()) if base_path.is_dir() else []
+    # names an existing output folder may hold to be replaced with --force (a pipeline's: its subfolders too)
+    known = sorted({e.name for e in base_path.rglob("*")}) if base_path.is_dir() else []
     out = check_output(out, force, [base, *(p for p, _ in adapters)], is_dir=base_path.is_dir(), known_names=known)
     ckpt = Checkpoint(base)
     loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), float(w))
@@ -125,25 +120,25 @@ def bake(
     plan = plan_bake(ckpt, loaded, labels)
     is_dir = ckpt.path.is_dir()
     modified = 0
-    total_size = 0
-    weight_map: dict[str, str] = {}
+    sizes: dict[Path, int] = {}  # weight file → bytes written
+    tensors_written = 0
     left_out: list[str] = []
     with atomic_path(out, force, is_dir=is_dir, known_names=known) as tmp:
         files = list(ckpt.files)
         for f in (progress(files, len(files)) if progress else files):
-            state, meta, keys = _read_file(f)
-            handle = open_safetensors(f) if state is None else None
+            meta = ckpt.file_metadata(f)
             tensors: dict[str, torch.Tensor] = {}
-            for k in keys:
-                t = state[k] if state is not None else handle.get_tensor(k)
+            for key, stored in ckpt.file_keys(f):
+                t = ckpt.read_stored(f, stored)
                 target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-                if k in plan:
-                    t = apply_layers(t, plan[k])
+                if key in plan:
+                    t = apply_layers(t, plan[key])
                     modified += 1
-                tensors[k] = t.to(target)
-                total_size += tensors[k].numel() * tensors[k].element_size()
-                weight_map[k] = f.name
-            dest = tmp / f.name if is_dir else tmp
+                tensors[stored] = t.to(target)
+                sizes[f] = sizes.get(f, 0) + tensors[stored].numel() * tensors[stored].element_size()
+                tensors_written += 1
+            dest = tmp / f.relative_to(ckpt.path) if is_dir else tmp
+            dest.parent.mkdir(parents=True, exist_ok=True)
             if is_safetensors(f):
                 save_safetensors(tensors, dest, meta)
             else:
@@ -151,15 +146,16 @@ def bake(
                     torch.save(tensors, dest)
                 except RuntimeError as exc:  # torch reports a failed write (disk full) as a RuntimeError
                     raise LoraToolsError(f"{out}: cannot write: {str(exc).splitlines()[0]}; nothing was written") from None
-            del tensors, state, handle
+            del tensors
+            ckpt.release(f)
         if is_dir:
-            left_out = _copy_folder_files(ckpt, tmp, weight_map, total_size, dtype)
+            left_out = _copy_folder_files(ckpt, tmp, sizes, dtype)
     warnings = [w for ad, _ in loaded for w in ad.warnings]
     if left_out:
         warnings.append(f"left out {len(left_out)} weight file(s) of the base that bake does not read: "
                         f"{', '.join(left_out)}")
     return {
-        "base": str(base), "output": str(out), "files": len(ckpt.files), "tensors": len(weight_map),
+        "base": str(base), "output": str(out), "files": len(ckpt.files), "tensors": tensors_written,
         "modified": modified, "layers": sum(len(v) for v in plan.values()),
         "adapters": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}
                      for p, (ad, w) in zip(labels, loaded)],
@@ -168,33 +164,45 @@ def bake(
     }
 
 
-def _copy_folder_files(ckpt: Checkpoint, tmp: Path, weight_map: dict[str, str], total_size: int,
-                       dtype: torch.dtype | None) -> list[str]:
-    """Copy non-weight top-level files; rewrite the shard index and (with --dtype) config.json's dtype.
+def _folder_files(ckpt: Checkpoint) -> list[Path]:
+    """The files of a folder checkpoint besides its weights: top-level ones, and for a pipeline folder those of
+    every subfolder (component configs, scheduler, tokenizer…; hidden folders such as ``.cache`` skipped)."""
+    if not ckpt.is_pipeline:
+        return sorted(p for p in ckpt.path.iterdir() if p.is_file())
+    return sorted(p for p in ckpt.path.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(ckpt.path).parts[:-1]))
+
+
+def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtype: torch.dtype | None) -> list[str]:
+    """Copy the non-weight files; rewrite the shard indexes and (with --dtype) each config.json's dtype.
 
     Weight files bake did not read (a ``pytorch_model.bin`` next to the ``model.safetensors`` it baked,
     other frameworks' weights, their indexes) are not copied: they would hold the un-baked weights.
-    Returns their names.
+    Returns their paths (relative to the folder).
     """
-    weights = {f.name for f in ckpt.files}
+    weights = set(ckpt.files)
+    indexes = set(ckpt.index_files)
     left_out = []
-    for src in sorted(ckpt.path.iterdir()):
-        if not src.is_file() or src.name in weights:
+    for src in _folder_files(ckpt):
+        rel = src.relative_to(ckpt.path)
+        if src in weights:
             continue
-        if src != ckpt.index_file and (src.name.endswith(OTHER_WEIGHTS) or src.name.endswith(".index.json")):
-            left_out.append(src.name)
+        if src not in indexes and (src.name.endswith(OTHER_WEIGHTS) or src.name.endswith(".index.json")):
+            left_out.append(rel.as_posix())
             continue
-        if ckpt.index_file is not None and src == ckpt.index_file:
+        dest = tmp / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src in indexes:
             index = json.loads(src.read_text())
-            index.setdefault("metadata", {})["total_size"] = total_size
-            index["weight_map"] = {k: weight_map[k] for k in index["weight_map"]}
-            (tmp / src.name).write_text(json.dumps(index, indent=2) + "\n")
+            shards = {src.parent / name for name in index["weight_map"].values()}
+            index.setdefault("metadata", {})["total_size"] = sum(sizes.get(f, 0) for f in shards)
+            dest.write_text(json.dumps(index, indent=2) + "\n")
         elif src.name == "config.json" and dtype is not None:
             cfg = json.loads(src.read_text())
             for key in ("torch_dtype", "dtype"):
                 if key in cfg:
                     cfg[key] = DTYPE_NAMES.get(dtype, cfg[key])
-            (tmp / src.name).write_text(json.dumps(cfg, indent=2) + "\n")
+            dest.write_text(json.dumps(cfg, indent=2) + "\n")
         else:
-            shutil.copy2(src, tmp / src.name)
+            shutil.copy2(src, dest)
     return left_out

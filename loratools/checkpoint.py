@@ -2,7 +2,8 @@
 
 Accepts an HF model folder (``model.safetensors``, sharded ``model.safetensors.index.json``,
 ``pytorch_model.bin`` / its index, diffusers ``diffusion_pytorch_model.*``), a single
-``.safetensors`` file, or a ``.bin`` / ``.pt`` file. safetensors are memory-mapped and read one
+``.safetensors`` file, a ``.bin`` / ``.pt`` file, or a diffusers pipeline folder (``model_index.json`` and one
+subfolder per component: its keys are ``<component>.<key inside the component>``). safetensors are memory-mapped and read one
 tensor at a time; pickles are only ever opened with ``torch.load(weights_only=True, mmap=True)``.
 """
 
@@ -22,6 +23,7 @@ from safetensors import safe_open
 
 from loratools.errors import LoraToolsError
 from loratools.families.base import split_component
+from loratools.families.sd import flatten_text_model, normalise_text_model
 
 SAFE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 BIN_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "model.bin", "model.pt")
@@ -175,15 +177,31 @@ class Checkpoint:
         if not self.path.exists():
             raise LoraToolsError(f"{self.path}: no such file or folder")
         self._where: dict[str, Path] = {}  # key -> file
+        self._stored: dict[str, str] = {}  # key -> its name inside the file, where they differ (pipeline folders)
+        self._prefix: dict[Path, str] = {}  # file -> what its stored keys get in front (``unet.``)
+        #: pipeline folders: component -> its subfolder, in model_index.json's order (empty otherwise)
+        self.components: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         self.files: list[Path] = []
         self.index_file: Path | None = None
+        #: every shard index read (one per sharded component of a pipeline folder)
+        self.index_files: list[Path] = []
         self._discover()
+        if self.index_file is not None:
+            self.index_files = [self.index_file]
+
+    @property
+    def is_pipeline(self) -> bool:
+        """Whether this is a diffusers pipeline folder (``model_index.json`` + component subfolders)."""
+        return bool(self.components)
 
     # ------------------------------------------------------------------ discovery
     def _discover(self) -> None:
         p = self.path
+        if p.is_dir() and (p / "model_index.json").is_file():
+            self._discover_pipeline()
+            return
         if p.is_file():
             self.files = [p]
         else:
@@ -214,6 +232,41 @@ class Checkpoint:
             for k in self._file_keys(f):
                 self._where[k] = f
 
+    def _discover_pipeline(self) -> None:
+        """Each model component (a subfolder with a ``config.json``) read as a folder, its keys prefixed."""
+        p = self.path
+        index = p / "model_index.json"
+        try:
+            doc = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LoraToolsError(f"{index}: not valid JSON ({_one_line(exc)})") from None
+        if not isinstance(doc, dict):
+            raise LoraToolsError(f"{index}: expected an object of component → [library, class]")
+        listed = [k for k, v in doc.items()
+                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and all(v)]
+        absent = [c for c in listed if not (p / c).is_dir()]
+        if absent:
+            raise LoraToolsError(f"{p}: model_index.json lists component(s) with no folder: {', '.join(absent)}")
+        comps = [c for c in listed if (p / c / "config.json").is_file()]
+        if not comps:
+            raise LoraToolsError(f"{p}: pipeline folder (model_index.json) with no model component "
+                                 "(a subfolder with config.json and weights)")
+        for comp in comps:
+            try:
+                sub = Checkpoint(p / comp)
+            except LoraToolsError as exc:
+                raise LoraToolsError(f"{p}: pipeline component {comp}: {exc}") from None
+            self.components[comp] = sub.path
+            for k, f in sub._where.items():
+                self._where[f"{comp}.{k}"] = f
+                self._stored[f"{comp}.{k}"] = k
+            for f in sub.files:
+                self._prefix[f] = f"{comp}."
+            self.files += sub.files
+            self.index_files += sub.index_files
+            self._handles.update(sub._handles)
+            self._pickles.update(sub._pickles)
+
     def _file_keys(self, f: Path) -> list[str]:
         if is_safetensors(f):
             return list(self._handle(f).keys())
@@ -241,41 +294,61 @@ class Checkpoint:
     def file_of(self, key: str) -> Path:
         return self._where[key]
 
-    def _check(self, key: str) -> Path:
+    def stored_key(self, key: str) -> str:
+        """The name tensor ``key`` has inside its file (a pipeline folder's keys carry their component)."""
+        return self._stored.get(key, key)
+
+    def _check(self, key: str) -> tuple[Path, str]:
         if key not in self._where:
             raise LoraToolsError(f"{self.path}: no tensor named {key!r}")
-        return self._where[key]
+        return self._where[key], self._stored.get(key, key)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        f = self._check(key)
+        f, k = self._check(key)
         if is_safetensors(f):
-            return tuple(self._handle(f).get_slice(key).get_shape())
-        return tuple(self._pickle(f)[key].shape)
+            return tuple(self._handle(f).get_slice(k).get_shape())
+        return tuple(self._pickle(f)[k].shape)
 
     def dtype(self, key: str) -> torch.dtype:
-        f = self._check(key)
+        f, k = self._check(key)
         if is_safetensors(f):
-            return DTYPES.get(self._handle(f).get_slice(key).get_dtype(), torch.float32)
-        return self._pickle(f)[key].dtype
+            return DTYPES.get(self._handle(f).get_slice(k).get_dtype(), torch.float32)
+        return self._pickle(f)[k].dtype
 
     def get(self, key: str) -> torch.Tensor:
-        f = self._check(key)
+        f, k = self._check(key)
+        return self.read_stored(f, k)
+
+    # ------------------------------------------------------------------ file by file (bake)
+    def file_keys(self, f: Path) -> list[tuple[str, str]]:
+        """``(key, stored key)`` of every tensor in weight file ``f`` (one of ``files``), in the file's order."""
+        prefix = self._prefix.get(f, "")
+        return [(prefix + k, k) for k in self._file_keys(f)]
+
+    def file_metadata(self, f: Path) -> dict[str, str]:
+        """The safetensors header metadata of weight file ``f`` ({} for pickles)."""
+        return dict(self._handle(f).metadata() or {}) if is_safetensors(f) else {}
+
+    def read_stored(self, f: Path, stored: str) -> torch.Tensor:
+        """The tensor stored as ``stored`` in weight file ``f``."""
         if is_safetensors(f):
             try:
-                return self._handle(f).get_tensor(key)
+                return self._handle(f).get_tensor(stored)
             except Exception as exc:
-                raise LoraToolsError(f"{f}: cannot read tensor {key!r} ({_one_line(exc)})") from None
-        return self._pickle(f)[key]
+                raise LoraToolsError(f"{f}: cannot read tensor {stored!r} ({_one_line(exc)})") from None
+        return self._pickle(f)[stored]
+
+    def release(self, f: Path) -> None:
+        """Drop weight file ``f``'s open memory map / loaded pickle (reopened on the next read)."""
+        self._handles.pop(f, None)
+        self._pickles.pop(f, None)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.keys():
             yield k, self.get(k)
 
     def metadata(self) -> dict[str, str]:
-        f = self.files[0]
-        if is_safetensors(f):
-            return dict(self._handle(f).metadata() or {})
-        return {}
+        return self.file_metadata(self.files[0])
 
     # ------------------------------------------------------------------ module view
     def family(self) -> tuple[str, str] | None:
@@ -298,22 +371,67 @@ class Checkpoint:
                 self._naming = None
         return self._naming
 
+    def family_naming(self):
+        """The family's name maps in this checkpoint's own structure: ``naming()`` for an original single file,
+        generated from the components' configs for a pipeline folder; None otherwise (or if the configs are
+        no family's)."""
+        if not hasattr(self, "_family_naming"):
+            self._family_naming = self.naming()
+            fam = self.family()
+            if self._family_naming is None and self.is_pipeline and fam is not None:
+                from loratools.families import pipeline_naming
+
+                configs = {}
+                for comp, folder in self.components.items():
+                    try:
+                        configs[comp] = json.loads((folder / "config.json").read_text())
+                    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                        pass
+                try:
+                    self._family_naming = pipeline_naming(fam[0], configs, self.keys())
+                except ValueError:
+                    self._family_naming = None
+        return self._family_naming
+
+    def family_refs(self) -> dict[str, ModuleRef]:
+        """The ``module_refs`` a model family adapts (canonical names), for an original single file or a pipeline
+        folder of a known family; {} otherwise."""
+        nm = self.family_naming()
+        if nm is None:
+            return {}
+        refs = self.module_refs()
+        return {m.canonical: refs[m.canonical] for m in nm.modules if m.canonical in refs}
+
     def module_refs(self) -> dict[str, ModuleRef]:
         """{module name → where its weight lives}: canonical names (``unet.down_blocks…``) with row slices of fused
-        tensors (OpenCLIP ``in_proj``) for a family's original layout, else every 2-D+ ``*.weight`` by its path."""
+        tensors (OpenCLIP ``in_proj``) for a family's original layout, else every 2-D+ ``*.weight`` by its path
+        (a pipeline folder's text encoders saved without the ``text_model.`` level by their canonical name)."""
         if not hasattr(self, "_refs"):
             nm = self.naming()
             if nm is not None:
                 self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose)
                               for m in nm.modules if m.weight_key in self._where}
+            elif self.is_pipeline:
+                self._refs = {}
+                for name, key in self.modules().items():
+                    comp = split_component(name)[0] or ""
+                    canon = normalise_text_model(name) if comp.startswith("text_encoder") else name
+                    self._refs.setdefault(canon, ModuleRef(key))
             else:
                 self._refs = {name: ModuleRef(key) for name, key in self.modules().items()}
         return self._refs
 
     def module_ref(self, name: str) -> ModuleRef | None:
-        """Where module ``name`` (with or without its pipeline component) lives, or None."""
+        """Where module ``name`` lives, or None: tried as given, then without its pipeline component (a component
+        folder), without the ``text_model.`` level (a transformers-5 text encoder folder), and in a pipeline folder
+        under the one component that has it."""
         refs = self.module_refs()
-        return refs.get(name) or refs.get(split_component(name)[1])
+        rest = split_component(name)[1]
+        ref = refs.get(name) or refs.get(rest) or refs.get(flatten_text_model(rest))
+        if ref is None and self.is_pipeline and split_component(name)[0] is None:
+            found = [r for c in self.components if (r := refs.get(f"{c}.{name}")) is not None]
+            ref = found[0] if len(found) == 1 else None
+        return ref
 
     def module_shape(self, name: str) -> tuple[int, ...]:
         ref = self._ref(name)

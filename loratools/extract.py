@@ -121,7 +121,7 @@ class TensorStream:
             with self._lock:
                 return self.ckpt.get(key)
         start, header = self._header(f)
-        info = header[key]
+        info = header[self.ckpt.stored_key(key)]
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise LoraToolsError(f"{f}: tensor {key!r} has unsupported dtype {info['dtype']}")
@@ -266,9 +266,9 @@ def matches(name: str, key: str, globs: Iterable[str]) -> bool:
 
 
 def family_of(base: Checkpoint, tuned: Checkpoint) -> str | None:
-    """The model family both checkpoints belong to when BASE has its names (an SD single file), else None;
-    a TUNED of another family or layout is an error."""
-    if base.naming() is None:
+    """The model family both checkpoints belong to when BASE has its names (an SD single file or a diffusers
+    pipeline folder of a known family), else None; a TUNED of another family or layout is an error."""
+    if base.family_naming() is None:
         return None
     bf, tf = base.family(), tuned.family()
     if tf != bf:
@@ -306,20 +306,20 @@ def pair_tensors(
 ) -> tuple[list[TensorPair], list[dict]]:
     """Tensors to compare, in TUNED's key order, and ``{"name", "reason"}`` rows for the rest.
 
-    When BASE is a model family's single file (see :func:`family_of`) its matrices are paired as the family's
-    modules (canonical names, fused tensors split by rows); tensors the family does not map are skipped with the
-    family's reason (VAE, EMA…), except 1-D ones of the model (biases, norms), which are paired as vectors.
+    When BASE is a model family's single file or pipeline folder (see :func:`family_of`) its matrices are paired as
+    the family's modules (canonical names, fused tensors split by rows); tensors the family does not map are skipped
+    with the family's reason (VAE, EMA…), except 1-D ones of the model (biases, norms), which are paired as vectors.
     """
     include, exclude = list(include), list(exclude)
     bkeys, tkeys = set(base.keys()), tuned.keys()
     pairs: list[TensorPair] = []
     skipped: list[dict] = []
     common = 0
-    naming = base.naming() if family_of(base, tuned) else None
+    naming = base.family_naming() if family_of(base, tuned) else None
     by_key: dict[str, list[tuple[str, ModuleRef]]] = {}
     owner: dict[str, str] = {}  # bias key of a module stored whole → its canonical name
     if naming is not None:
-        for name, ref in base.module_refs().items():
+        for name, ref in base.family_refs().items():
             by_key.setdefault(ref.key, []).append((name, ref))
             if ref.rows is None and not ref.transpose and ref.key.endswith(".weight"):
                 owner[ref.key[: -len("weight")] + "bias"] = name
@@ -342,7 +342,7 @@ def pair_tensors(
                 if pair is not None:
                     pairs.append(pair)
                 continue
-            reason = naming.unmapped([key])[key]
+            reason = _pipeline_reason(base, naming, key, ts) if base.is_pipeline else naming.unmapped([key])[key]
             if len(ts) > 1 or reason != "not a weight matrix":
                 skipped.append({"name": key, "reason": f"{reason}: not part of a LoRA"})
                 continue
@@ -364,6 +364,18 @@ def pair_tensors(
     if not pairs:
         raise LoraToolsError(f"no tensor left to compare after --include {include} / --exclude {exclude}")
     return pairs, skipped
+
+
+def _pipeline_reason(base: Checkpoint, naming, key: str, shape: tuple[int, ...]) -> str:
+    """Why a pipeline folder's tensor is no family module (the reasons ``SDNaming.unmapped`` gives a single file)."""
+    comp = key.split(".", 1)[0]
+    if comp == "vae":
+        return "VAE"
+    if comp not in {m.component for m in naming.modules}:
+        return f"{comp} component"
+    if len(shape) <= 1:
+        return "not a weight matrix"
+    return "embedding" if EMBEDDING_NAMES.search(module_of(key)) else "not an adaptable module"
 
 
 # ---------------------------------------------------------------------------------------- clamp

@@ -167,24 +167,39 @@ def _check_replaceable(p: Path, is_dir: bool | None, known_names: Iterable[str] 
 
 
 def _not_ours(folder: Path, known: set[str]) -> str | None:
-    """Why ``folder`` is not an empty or adapter/checkpoint folder; None if it is one."""
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as exc:
-        return f"cannot be listed ({exc.strerror})"
-    weights = False
-    for e in entries:
-        if e.is_symlink():
-            return f"holds the link {e.name}"
-        if e.is_dir():
-            return f"holds the subfolder {e.name}"
-        suffix = Path(e.name).suffix
-        if not e.is_file() or (e.name not in known and suffix not in FOLDER_SUFFIXES):
-            return f"holds {e.name}, which is not an adapter or checkpoint file"
-        weights = weights or suffix in WEIGHT_SUFFIXES
+    """Why ``folder`` is not an empty or adapter/checkpoint folder; None if it is one. Subfolders are accepted
+    only under a ``known`` name (a pipeline folder's components) and holding such files themselves."""
+    reason, weights, entries = _scan(folder, known)
+    if reason:
+        return reason
     if entries and not weights:
         return "holds no adapter or model weights"
     return None
+
+
+def _scan(folder: Path, known: set[str]) -> tuple[str | None, bool, bool]:
+    """(why not ours or None, whether weights were seen, whether anything was there) of ``folder``'s tree."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror})", False, True
+    weights = False
+    for e in entries:
+        if e.is_symlink():
+            return f"holds the link {e.name}", weights, True
+        if e.is_dir():
+            if e.name not in known:
+                return f"holds the subfolder {e.name}", weights, True
+            reason, sub_weights, _ = _scan(Path(e.path), known)
+            if reason:
+                return reason, weights, True
+            weights = weights or sub_weights
+            continue
+        suffix = Path(e.name).suffix
+        if not e.is_file() or (e.name not in known and suffix not in FOLDER_SUFFIXES):
+            return f"holds {e.name}, which is not an adapter or checkpoint file", weights, True
+        weights = weights or suffix in WEIGHT_SUFFIXES
+    return None, weights, bool(entries)
 
 
 def _make_parents(parent: Path) -> list[Path]:

@@ -41,6 +41,12 @@ def naming_for(family: str, keys: Iterable[str] | Mapping[str, Any] | None = Non
     return get_family(family).naming(keys)
 
 
+def pipeline_naming(family: str, configs: Mapping[str, Mapping[str, Any]], keys: Iterable[str] = ()):
+    """Name maps of ``family`` in the structure of a diffusers pipeline folder (its components' configs)."""
+    fam = get_family(family)
+    return sd.SDNaming(fam, sd.structure_from_pipeline(family, configs, keys))
+
+
 def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
     """``(family, convention)`` of an adapter's module names or keys, or None if no family knows them."""
     return sd.detect_adapter(names)
@@ -76,4 +82,4 @@ def detect_described_adapter(names: Iterable[str]) -> tuple[str, str] | None:
     return fl[0], fl[1]
 
 
-__all__ = ["DESCRIBED", "FAMILIES", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "ModuleMap", "detect_family", "get_family", "sd"]
+__all__ = ["DESCRIBED", "FAMILIES", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]

@@ -471,6 +471,11 @@ def detect(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
     ):
         if has("text_encoder_2.") or any("add_embedding." in k for k in ks):
             return ("sdxl", "diffusers")
+        if isinstance(keys, Mapping):  # SD2's cross-attention reads 1024-wide OpenCLIP-H states
+            probe = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+            shape = getattr(keys.get(probe) or keys.get("unet." + probe), "shape", None)
+            if shape is not None and shape[-1] == 1024:
+                return ("sd2", "diffusers")
         return ("sd15", "diffusers")
     elif has("cond_stage_model.") or has("conditioner.embedders."):
         layout, uprefix = "original", UNET_KEY
@@ -551,6 +556,35 @@ def structure_from_keys(keys: Iterable[str] | Mapping[str, Any], family: str | N
             )
         )
     return SDStructure(fam_name, unet, tuple(tes), uprefix)
+
+
+def structure_from_pipeline(
+    family: str, configs: Mapping[str, Mapping[str, Any]], keys: Iterable[str] | Mapping[str, Any] = ()
+) -> SDStructure:
+    """The structure of a diffusers pipeline folder of ``family`` from its components' ``config.json``.
+
+    ``configs``: component → its config (``unet``: a ``UNet2DConditionModel`` config; text encoders: a
+    ``CLIPTextConfig``, ``num_hidden_layers`` / ``hidden_size``). ``keys`` (pipeline keys, ``<component>.<key>``)
+    tell whether ``text_projection`` is there. Only the canonical names are the pipeline's own; the original
+    keys are those of the family's single-file layout. Raises ValueError on a config that is no SD component.
+    """
+    fam = SD_FAMILIES[family]
+    ks = set(_keyset(keys))
+    try:
+        unet = UNetStructure.from_diffusers_config(configs["unet"]) if "unet" in configs else None
+        tes: list[TextEncoderSpec] = []
+        for te in fam.default.text_encoders:
+            cfg = configs.get(te.component)
+            if cfg is None:
+                continue
+            cfg = cfg.get("text_config", cfg)
+            tes.append(replace(
+                te, num_layers=int(cfg["num_hidden_layers"]), hidden=int(cfg["hidden_size"]), skip_layers=(),
+                projection=te.projection and f"{te.component}.text_projection.weight" in ks,
+            ))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a {family} pipeline component config ({exc})") from None
+    return SDStructure(family, unet, tuple(tes))
 
 
 # ------------------------------------------------------------------------------------------- naming

@@ -61,8 +61,8 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
         return base.naming(), base_family[0], "base"
     if explicit:
         return naming_for(family), family, "option"
-    if base_family is not None:
-        return naming_for(base_family[0]), base_family[0], "base"
+    if base_family is not None:  # a diffusers layout: the names of a pipeline folder's own structure where known
+        return base.family_naming() or naming_for(base_family[0]), base_family[0], "base"
     fits = [f for f in FAMILIES if all(_lookup(naming_for(f), n, la) for n, la in adapter.layers.items())]
     if not fits:  # a family names an adapter only if it knows every one of its layers (LLM, Flux, CLIPModel: none)
         return None, None, None
