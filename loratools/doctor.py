@@ -183,7 +183,7 @@ def check_embedding(ctx: Context, rule: Rule) -> dict | None:
 
 def check_layer_kind(ctx: Context, rule: Rule) -> dict | None:
     ad = ctx.adapter
-    if rule.params.get("peft_native") and ad.format == "peft" and \
+    if rule.params.get("peft_native") and \
             str((ad.config or {}).get("peft_type", "LORA")).upper() in ("LOHA", "LOKR"):
         return None  # PEFT's own LoHa/LoKr folder: PEFT loads it
     mods = [n for n, la in ad.layers.items() if not isinstance(la, LoraLayer)]
@@ -398,7 +398,7 @@ def fix_adapter(ctx: Context, findings: list[Finding]) -> tuple[Adapter, list[di
     if drop:
         config.pop("target_modules", None)
     out_format = NATURAL_FORMAT[target] or ad.format
-    if out_format == "peft" and config:
+    if config:  # a PEFT config (only the PEFT reader gives one): it now describes plain LoRA
         config.setdefault("peft_type", "LORA")
     fixed = replace(ad, layers=layers, extra_tensors=extra, config=config, warnings=list(ad.warnings))
     return fixed, rows, warnings, out_format

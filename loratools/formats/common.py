@@ -63,6 +63,14 @@ def family_of_metadata(meta: dict[str, str]) -> str | None:
     return None
 
 
+def alpha_for(layer: LoraLayer, rslora: bool) -> float:
+    """The ``lora_alpha`` that gives ``layer`` its scale under an adapter- (or component-) wide rsLoRA setting (PEFT
+    configs and diffusers' ``lora_adapter_metadata``)."""
+    if layer.rslora == rslora and layer.alpha is not None:
+        return float(layer.alpha)
+    return layer.scale * (layer.rank**0.5 if rslora else layer.rank)
+
+
 def check_resolved(adapter) -> None:
     """Writers that need module paths refuse kohya stems that no base resolved."""
     if not adapter.resolved:

@@ -31,6 +31,7 @@ import torch
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.formats.common import (
+    alpha_for,
     atomic_path,
     check_resolved,
     embed_extra_tensors,
@@ -198,13 +199,6 @@ def _pattern(component: str, path: str) -> str:
     return ("^(?:text_model\\.)?" if name != path else "^") + re.escape(name)
 
 
-def _alpha_for(layer: LoraLayer, rslora: bool) -> float:
-    """The lora_alpha that gives ``layer`` its scale under the component's rsLoRA setting."""
-    if layer.rslora == rslora and layer.alpha is not None:
-        return float(layer.alpha)
-    return layer.scale * (math.sqrt(layer.rank) if rslora else layer.rank)
-
-
 def _json_number(v: float) -> int | float:
     return int(v) if float(v).is_integer() and abs(v) < 2**53 else float(v)
 
@@ -217,7 +211,7 @@ def adapter_metadata(layers: dict[str, list[tuple[str, LoraLayer]]]) -> dict[str
     for component, items in sorted(layers.items()):
         rslora = Counter(layer.rslora for _, layer in items).most_common(1)[0][0]
         ranks = {path: layer.rank for path, layer in items}
-        alphas = {path: _alpha_for(layer, rslora) for path, layer in items}
+        alphas = {path: alpha_for(layer, rslora) for path, layer in items}
         r = Counter(ranks.values()).most_common(1)[0][0]
         alpha = Counter(alphas.values()).most_common(1)[0][0]
         config = {

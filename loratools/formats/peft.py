@@ -23,6 +23,7 @@ from loratools.errors import LoraToolsError
 from loratools.formats.common import (
     GENERATED_KEY,
     PEFT_CONFIG_KEY,
+    alpha_for,
     atomic_path,
     check_factor,
     check_resolved,
@@ -233,18 +234,11 @@ def _describes(config: dict, adapter: Adapter, rslora: bool) -> bool:
         rk, ak = pattern_key(rp, name), pattern_key(ap, name)
         if (int(rp[rk]) if rk else r) != layer.rank:
             return False
-        if (float(ap[ak]) if ak else alpha) != _alpha_for(layer, rslora):
+        if (float(ap[ak]) if ak else alpha) != alpha_for(layer, rslora):
             return False
         if not _targets(config, name):
             return False
     return True
-
-
-def _alpha_for(layer: LoraLayer, rslora: bool) -> float:
-    """The alpha that gives ``layer`` its scale under the adapter-wide rsLoRA setting."""
-    if layer.rslora == rslora and layer.alpha is not None:
-        return float(layer.alpha)
-    return layer.scale * (layer.rank**0.5 if rslora else layer.rank)
 
 
 def build_config(adapter: Adapter) -> tuple[dict, bool]:
@@ -259,7 +253,7 @@ def build_config(adapter: Adapter) -> tuple[dict, bool]:
         return source, adapter.config_generated
     config = {**_DEFAULT_CONFIG, **{k: v for k, v in source.items() if k not in ("rank_pattern", "alpha_pattern")}}
     ranks = {n: layer.rank for n, layer in layers.items()}
-    alphas = {n: _alpha_for(layer, rs) for n, layer in layers.items()}
+    alphas = {n: alpha_for(layer, rs) for n, layer in layers.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config.update(
