@@ -113,3 +113,12 @@ def test_adapter_for_another_family_is_an_error_naming_it(cli, sd, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     cli.fails("inspect", sd["src"], "--family", "sd2" if sd["family"] == "sd15" else "sd15", "--base", sd["base"],
               match="but the base")
+
+
+@pytest.mark.parametrize("command", ["extract", "spectrum"])
+def test_family_option_checked_against_the_checkpoints(cli, samples, tmp_path, command):
+    args = [command, "--base", samples / "sd15_base.safetensors", "--tuned", samples / "sd15_tuned.safetensors"]
+    out = ["-o", tmp_path / "o.safetensors", "--to", "kohya"] if command == "extract" else []
+    cli.fails(*args, *out, "--family", "sdxl", match="but the base")
+    assert not (tmp_path / "o.safetensors").exists()
+    cli.ok(*args, *out, "--family", "sd15", "-q")

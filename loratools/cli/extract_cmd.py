@@ -33,7 +33,7 @@ DEFAULT_RANK = 16
 
 
 def checkpoint_options(fn):
-    """--base / --tuned / --include / --exclude / --device / --seed, shared with ``spectrum``."""
+    """--base / --tuned / --include / --exclude / --device / --seed / --family, shared with ``spectrum``."""
     for opt in reversed([
         click.option("--base", required=True, type=click.Path(), help="Base checkpoint (HF folder, sharded folder or .safetensors)."),
         click.option("--tuned", required=True, type=click.Path(), help="Fine-tuned checkpoint of the same architecture."),
@@ -42,6 +42,7 @@ def checkpoint_options(fn):
         click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True,
                      help="Where the diffs and SVDs are computed (layer by layer; results come back to CPU)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized SVD sketch."),
+        family_option,
     ]):
         fn = opt(fn)
     return fn
@@ -67,7 +68,6 @@ def checkpoint_options(fn):
               help="Store matching modules in full (PEFT modules_to_save), e.g. '*norm*' or lm_head.")
 @click.option("--min-diff", type=float, default=0.0, show_default=True,
               help="Skip layers with ‖ΔW‖/‖W_base‖ below this (exactly unchanged layers are always skipped).")
-@family_option
 @kohya_style_option
 @json_option
 @force_option

@@ -32,7 +32,8 @@ from loratools.cli.extract_cmd import checkpoint_options
 @quiet_option
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @handle_errors
-def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot, top, exact, exact_below, quiet, force):
+def spectrum_command(base, tuned, include, exclude, device, seed, family, as_json, plot, top, exact, exact_below, quiet,
+                     force):
     """Per-layer spectrum of ΔW = TUNED − BASE, without writing an adapter.
 
     σ₁, stable rank ‖ΔW‖²/σ₁², entropy effective rank, ranks keeping 50/90/99 % of ‖ΔW‖², and
@@ -44,6 +45,9 @@ def spectrum_command(base, tuned, include, exclude, device, seed, as_json, plot,
 
     if plot:
         check_output(plot, force, [base, tuned], is_dir=False)
+    from loratools.formats.resolve import check_family
+
+    check_family(base, family)
     report = spectrum(base, tuned, include=include, exclude=exclude, top=top, exact=exact, exact_below=exact_below,
                       device=device, seed=seed, progress=lambda it, n: progress(it, n, "spectrum", quiet))
     if plot:
