@@ -113,6 +113,9 @@ def bake(
     # names an existing output folder may hold to be replaced with --force (a pipeline's: its subfolders too)
     known = sorted({e.name for e in base_path.rglob("*")}) if base_path.is_dir() else []
     out = check_output(out, force, [base, *(p for p, _ in adapters)], is_dir=base_path.is_dir(), known_names=known)
+    if base_path.is_dir() and Path(out).suffix.lower() in OTHER_WEIGHTS:
+        raise LoraToolsError(f"{out}: a folder base ({base_path}) bakes into a folder, but -o ends in "
+                             f"{Path(out).suffix!r}; name the output folder without a weight-file suffix")
     ckpt = Checkpoint(base)
     loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), float(w))
               for p, w in adapters]

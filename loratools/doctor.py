@@ -228,6 +228,11 @@ def check_unresolved(ctx: Context, rule: Rule) -> dict | None:
     return {"modules": mods} if mods else None
 
 
+def check_no_family(ctx: Context, rule: Rule) -> dict | None:
+    """No model family named the adapter's layers (an LLM adapter offered to an SD loader)."""
+    return None if ctx.adapter.family else {"modules": list(ctx.adapter.layers)}
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 

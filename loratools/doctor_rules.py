@@ -218,6 +218,14 @@ RULES: dict[str, list[Rule]] = {
         Rule("comfyui.embedding", "comfyui", "embedding", "error",
              "{n} embedding LoRA module(s) ({example}): ComfyUI's LoRA loader patches linear and conv weights by key",
              "doctor --fix drops them", "ComfyUI ≤ master", COMFY_SRC),
+        Rule("comfyui.dora", "comfyui", "dora", "error",
+             "{n} DoRA module(s) ({example}): ComfyUI's dora_scale formula (output-axis norm of the base weight) is "
+             "neither PEFT's nor LyCORIS's, so the adapter would not compute what it was trained to",
+             "doctor --fix --base CKPT folds the magnitudes into plain LoRA", "ComfyUI ≤ master", COMFY_SRC),
+        Rule("comfyui.no-family", "comfyui", "no_family", "warning",
+             "the adapter's names belong to no Stable Diffusion family loratools knows ({example}): ComfyUI maps only "
+             "its model's own keys, so these would be skipped",
+             "pass --base CKPT (the model it is for) or --family to check the names", "ComfyUI ≤ master", COMFY_SRC),
         Rule("comfyui.unresolved-names", "comfyui", "unresolved", "warning",
              "{n} module(s) keep kohya stems that loratools could not resolve ({example})",
              "pass --base to check them against the model", "all versions", LORATOOLS),

@@ -132,3 +132,9 @@ def test_bake_bad_inputs(samples, tmp_path, cli):
     cli.fails("bake", "--base", samples / "base", samples / "peft_lora", "-o", out, match="already exists")
     assert not any(out.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "tiny"]
+
+
+def test_folder_base_refuses_a_weight_file_name_for_its_output_folder(samples, tmp_path, cli):
+    out = tmp_path / "baked.safetensors"
+    cli.fails("bake", "--base", samples / "base", samples / "peft_lora", "-o", out, match="bakes into a folder")
+    assert not out.exists()
