@@ -328,3 +328,18 @@ def test_pipeline_family_sd2_by_its_cross_attention_width():
 
     assert detect_family(keys(1024)) == ("sd2", "diffusers")
     assert detect_family(keys(768)) == ("sd15", "diffusers")
+
+
+def test_kohya_prefix_keeps_its_component_against_a_pipeline(cli, sd, tmp_path):
+    """Without a unet in the pipeline, lora_unet_conv_in must not land on vae.encoder.conv_in by its suffix."""
+    import json
+
+    bad = _copy_folder(sd["folder"], tmp_path / "nounet")
+    index = json.loads((bad / "model_index.json").read_text())
+    index["unet"] = [None, None]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    lora = tmp_path / "conv_in.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.randn(2, 3, 3, 3, generator=g),
+               "lora_unet_conv_in.lora_up.weight": torch.randn(2, 2, 1, 1, generator=g)}, str(lora))
+    cli.fails("inspect", lora, "--base", bad, match="matches a module of the base")

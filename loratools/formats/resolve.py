@@ -22,7 +22,7 @@ from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.families import FAMILIES, detect_adapter, naming_for
-from loratools.formats.naming import mangle, split_component, split_prefix
+from loratools.formats.naming import KOHYA_PREFIXES, mangle, split_component, split_prefix
 
 AUTO = "auto"
 
@@ -171,6 +171,7 @@ def resolve_names(adapter: Adapter, base: Checkpoint) -> list[str]:
     for m in refs:
         by_mangled.setdefault(mangle(split_component(m)[1]), []).append(m)
         by_mangled.setdefault(mangle(m), []).append(m)
+    named_components = any(split_component(m)[0] for m in refs)
     unmatched: list[str] = []
     renamed: dict = {}
     for name, layer in adapter.layers.items():
@@ -180,10 +181,13 @@ def resolve_names(adapter: Adapter, base: Checkpoint) -> list[str]:
                 unmatched.append(name)
             _put(renamed, name, layer, name)
             continue
-        tail = split_prefix(stem)[1]
+        prefix, tail = split_prefix(stem)
         cands = sorted(set(by_mangled.get(tail) or by_mangled.get(stem) or [
             m for mm, ms in by_mangled.items() for m in ms if mm.endswith("_" + tail) or tail.endswith("_" + mm)
         ]))
+        component = KOHYA_PREFIXES.get(prefix) if prefix else None
+        if component and named_components:  # a base with pipeline components: only the stem's own component
+            cands = [c for c in cands if c.startswith(component + ".")]
         shape_ok = [m for m in cands if base.module_shape(m)[: len(layer.shape)] == layer.shape
                     or base.module_shape(m) == layer.shape]
         cands = shape_ok or cands
