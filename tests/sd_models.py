@@ -259,4 +259,24 @@ def sdxl_checkpoint(seed: int = 0) -> TinyCheckpoint:
     return TinyCheckpoint("sdxl", {**ckpt, **VAE}, nm, unet, {"text_encoder": te1, "text_encoder_2": te2})
 
 
+def kohya_lora(tiny: TinyCheckpoint, seed: int = 0, ranks: tuple[int, ...] = (2,), alpha_cycle: int = 5,
+               alpha_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A kohya LoRA with diffusers-style stems on every module of a tiny checkpoint: random factors, module i at rank
+    ``ranks[i % len(ranks)]`` and alpha ``1 + i % alpha_cycle`` (fused OpenCLIP q/k/v: their row slices' shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for i, m in enumerate(tiny.naming.modules):
+        w = tiny.ckpt[m.weight_key]
+        if m.rows is not None:
+            w = w[m.rows[0] : m.rows[1]]
+        if m.transpose:
+            w = w.T
+        r = ranks[i % len(ranks)]
+        stem = tiny.naming.kohya_stem(m.canonical, "diffusers")
+        out[f"{stem}.lora_down.weight"] = torch.randn(r, *w.shape[1:], generator=g)
+        out[f"{stem}.lora_up.weight"] = torch.randn(w.shape[0], r, *([1] * (w.dim() - 2)), generator=g)
+        out[f"{stem}.alpha"] = torch.tensor(float(1 + i % alpha_cycle), dtype=alpha_dtype)
+    return out
+
+
 CHECKPOINTS = {"sd15": sd15_checkpoint, "sd2": sd2_checkpoint, "sdxl": sdxl_checkpoint}

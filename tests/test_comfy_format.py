@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from sd_models import CHECKPOINTS
+from sd_models import kohya_lora as sd_kohya_lora
 
 from loratools.adapter import Adapter, LoraLayer
 from loratools.errors import LoraToolsError
@@ -82,23 +83,9 @@ def adaptable(key_map: dict[str, tuple[int, ...]], family: str) -> set[str]:
             and not (family == "sd2" and k.endswith("text_projection"))}
 
 
-def kohya_lora(tiny, rank: int = 2, seed: int = 0, alpha_dtype=torch.float32) -> dict[str, torch.Tensor]:
+def kohya_lora(tiny, rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """A kohya LoRA with diffusers-style stems on every module of the tiny model, random factors and alphas."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for i, m in enumerate(tiny.naming.modules):
-        w = tiny.ckpt[m.weight_key]
-        if m.rows is not None:
-            w = w[m.rows[0]:m.rows[1]]
-        if m.transpose:
-            w = w.T
-        stem = tiny.naming.kohya_stem(m.canonical, "diffusers")
-        down_shape = (rank, *w.shape[1:])
-        up_shape = (w.shape[0], rank, *([1] * (w.dim() - 2)))
-        out[f"{stem}.lora_down.weight"] = torch.randn(down_shape, generator=g)
-        out[f"{stem}.lora_up.weight"] = torch.randn(up_shape, generator=g)
-        out[f"{stem}.alpha"] = torch.tensor(float(1 + i % 5), dtype=alpha_dtype)
-    return out
+    return sd_kohya_lora(tiny, seed, ranks=(rank,), alpha_cycle=5)
 
 
 def tensors_of(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

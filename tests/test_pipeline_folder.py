@@ -24,6 +24,7 @@ from sd_models import (
     CHECKPOINTS,
     VAE,
     clip_to_original,
+    kohya_lora,
     open_clip_to_original,
     text_state_dict,
     unet_to_original,
@@ -88,18 +89,8 @@ def sd(request, tmp_path_factory):
     assert state.keys() == tiny.ckpt.keys()
     save_file(state, str(single))
     folder = write_pipeline(root / "pipe", fam, tiny.unet, tiny.text_encoders, shard=fam == "sd15")
-    ck = Checkpoint(single)
-    g = torch.Generator().manual_seed(1)
-    lora = {}
-    for i, m in enumerate(tiny.naming.modules):
-        shape = ck.module_shape(m.canonical)
-        r = 2 + i % 3
-        stem = tiny.naming.kohya_stem(m.canonical, "diffusers")
-        lora[f"{stem}.lora_down.weight"] = torch.randn(r, *shape[1:], generator=g)
-        lora[f"{stem}.lora_up.weight"] = torch.randn(shape[0], r, *([1] * (len(shape) - 2)), generator=g)
-        lora[f"{stem}.alpha"] = torch.tensor(float(1 + i % 4))
     src = root / "lora.safetensors"
-    save_file(lora, str(src))
+    save_file(kohya_lora(tiny, seed=1, ranks=(2, 3, 4), alpha_cycle=4), str(src))
     return {"root": root, "single": single, "folder": folder, "src": src, "tiny": tiny, "family": fam}
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sd_models import CHECKPOINTS
+from sd_models import CHECKPOINTS, kohya_lora
 
-from loratools.checkpoint import Checkpoint
 from loratools.formats import load_adapter
 
 
@@ -19,18 +18,8 @@ def sd(request, tmp_path_factory):
     tiny = CHECKPOINTS[request.param](0)
     base = root / "base.safetensors"
     save_file({k: v.contiguous() for k, v in tiny.ckpt.items()}, str(base))
-    ck = Checkpoint(base)
-    g = torch.Generator().manual_seed(1)
-    lora = {}
-    for i, m in enumerate(tiny.naming.modules):
-        shape = ck.module_shape(m.canonical)
-        r = 2 + i % 3
-        stem = tiny.naming.kohya_stem(m.canonical, "diffusers")
-        lora[f"{stem}.lora_down.weight"] = torch.randn(r, *shape[1:], generator=g)
-        lora[f"{stem}.lora_up.weight"] = torch.randn(shape[0], r, *([1] * (len(shape) - 2)), generator=g)
-        lora[f"{stem}.alpha"] = torch.tensor(float(1 + i % 4))
     src = root / "lora.safetensors"
-    save_file(lora, str(src))
+    save_file(kohya_lora(tiny, seed=1, ranks=(2, 3, 4), alpha_cycle=4), str(src))
     return {"root": root, "base": base, "src": src, "tiny": tiny, "family": request.param}
 
 

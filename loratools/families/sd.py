@@ -700,6 +700,11 @@ class SDNaming:
                 return got
         return None
 
+    def is_canonical(self, name: str) -> bool:
+        """Whether ``name`` is the canonical name of a module of this structure (not an alias of one)."""
+        found = self.lookup(name)
+        return found is not None and found[0] == name
+
     def resolve(self, name: str) -> str | None:
         """Canonical name of a module named in any convention (see ``lookup``), or None."""
         got = self.lookup(name)

@@ -22,7 +22,6 @@ knows to canonical names. The writer maps canonical names back through the adapt
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -42,6 +41,7 @@ from loratools.formats.common import (
     take_embedding_marks,
     take_peft_config,
 )
+from loratools.formats.resolve import family_by_width
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 #: the roots of ComfyUI's LoRA keys: the diffusion model and the text encoders
@@ -109,21 +109,7 @@ def read_tensors_map(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 
 
 def _canonical_in(family: str, name: str) -> bool:
-    nm = naming_for(family)
-    return nm.lookup(name) is not None and nm.resolve(name) == name
-
-
-#: SD1.x and SD2.x share every canonical name but not their text encoder (ComfyUI's clip_l vs clip_h): the width of
-#: the text encoder and of the UNet's cross-attention inputs tells them apart (CLIP-L 768, OpenCLIP-H 1024)
-WIDTHS = {768: "sd15", 1024: "sd2"}
-_WIDTH_LAYER = re.compile(r"^(?:unet\..*\.attn2\.to_[kv]|text_encoder\.text_model\.encoder\.layers\.\d+\."
-                          r"(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc1))$")
-
-
-def _family_by_width(adapter: Adapter) -> str | None:
-    widths = {la.shape[1] for n, la in adapter.layers.items() if _WIDTH_LAYER.match(n) and len(la.shape) >= 2}
-    found = {WIDTHS.get(w) for w in widths}
-    return found.pop() if len(found) == 1 else None
+    return naming_for(family).is_canonical(name)
 
 
 def _family(adapter: Adapter) -> str | None:
@@ -142,7 +128,7 @@ def _family(adapter: Adapter) -> str | None:
         fits.insert(0, adapter.family)
     if len({tuple(naming_for(f).comfy_key(n) for n in named) for f in fits}) <= 1:
         return fits[0] if fits else adapter.family
-    by_width = _family_by_width(adapter)
+    by_width = family_by_width(adapter)  # ComfyUI's clip_l vs clip_h
     if by_width in fits:
         return by_width
     raise LoraToolsError(f"comfy output: the layers fit several model families ({', '.join(fits)}) whose ComfyUI keys "
@@ -158,7 +144,7 @@ def comfy_keys(adapter: Adapter) -> dict[str, str]:
     for name in adapter.layers:
         if is_comfy_name(name):
             key = name
-        elif naming is not None and naming.lookup(name) is not None and naming.resolve(name) == name:
+        elif naming is not None and naming.is_canonical(name):
             key = naming.comfy_key(name)
         elif naming is None:
             raise LoraToolsError(f"{name}: {NEEDS_FAMILY}")

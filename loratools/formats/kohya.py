@@ -128,7 +128,7 @@ def family_stem(naming, name: str, layer: Layer, style: str | None) -> str | Non
     """The stem a model family gives a layer with a canonical name of that family (None if it has none): the
     layer's own source stem when it names the same module and no ``style`` is asked (bit-exact round trips),
     else the family's stem in ``style`` (default "diffusers")."""
-    if naming is None or naming.lookup(name) is None or naming.resolve(name) != name:
+    if naming is None or not naming.is_canonical(name):
         return None
     source = layer.meta.get("kohya_stem")
     if style is None and source and naming.resolve(source) == name:

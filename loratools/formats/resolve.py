@@ -87,8 +87,8 @@ def family_by_width(adapter: Adapter) -> str | None:
     naming = naming_for("sd15")  # SD1 and SD2 share every name
     for name, la in adapter.layers.items():
         found = _lookup(naming, name, la)
-        canonical = found[0] if found else None
-        if canonical and _WIDTH_LAYER.search(canonical) and len(la.shape) >= 2:
+        canonical = found[0] if found else name  # a canonical name of a layer the default structure lacks
+        if _WIDTH_LAYER.search(canonical) and len(la.shape) >= 2:
             widths.add(la.shape[1])
     found = {WIDTHS.get(w) for w in widths}
     return found.pop() if len(found) == 1 else None
