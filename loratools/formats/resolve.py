@@ -55,9 +55,8 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
     base_family = base.family() if base is not None else None
     if explicit and base_family is not None and base_family[0] != family:
         raise LoraToolsError(f"--family {family}, but the base {base.path} is a {base_family[0]} checkpoint")
-    names = [n for name, la in adapter.layers.items() for n in (name, la.meta.get("kohya_stem")) if n]
     if base is not None and base.naming() is not None:
-        _check_same_family(adapter, names, base_family[0], base)
+        _check_same_family(adapter, base_family[0], base)
         return base.naming(), base_family[0], "base"
     if explicit:
         return naming_for(family), family, "option"
@@ -116,15 +115,15 @@ def _lookup(naming, name: str, layer):
     return None
 
 
-def _check_same_family(adapter: Adapter, names: list[str], family: str, base: Checkpoint) -> None:
+def _check_same_family(adapter: Adapter, family: str, base: Checkpoint) -> None:
     """Refuse an adapter whose names another family knows better than the base's (an SDXL LoRA on an SD1.5 file)."""
-    found = detect_adapter(names)
+    found = detect_adapter([n for name, la in adapter.layers.items() for n in (name, la.meta.get("kohya_stem")) if n])
     if found is None or found[0] == family:
         return
 
     def hits(fam: str) -> int:
         nm = naming_for(fam)
-        return sum(1 for n in adapter.layers if nm.lookup(n) or nm.lookup(adapter.layers[n].meta.get("kohya_stem") or n))
+        return sum(1 for n, la in adapter.layers.items() if _lookup(nm, n, la))
 
     theirs, ours = hits(found[0]), hits(family)
     if theirs > ours:
