@@ -356,7 +356,7 @@ def fix_adapter(ctx: Context, findings: list[Finding]) -> tuple[Adapter, list[di
             k = min(cap or layer.rank, min(layer.matrix_shape))
             new, energy, err, _ = fold_layer(layer, base.module_weight(name), RankRule("full", 0.0, k))
             row.action, row.retained_energy, row.relative_error = "DoRA folded", energy, err
-        elif not isinstance(layer, LoraLayer) or (cap is not None and layer.rank > cap):
+        elif not isinstance(layer, LoraLayer) or (cap is not None and layer.rank > cap):  # our writers store LoRA
             if getattr(layer, "embedding", False):
                 raise LoraToolsError(f"{name}: embedding LoRA of rank {layer.rank} cannot be truncated; drop it")
             rule = RankRule("full", 0.0, cap) if cap is not None else None
@@ -398,6 +398,7 @@ def fix_adapter(ctx: Context, findings: list[Finding]) -> tuple[Adapter, list[di
                 scaled[n] = _fold_scale(la, la_alpha, rs_ok)
         _mark(rows, scaled, "scale folded")
         layers.update(scaled)
+    _measure_stored(ad.layers, layers, rows)
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora"):
         config.pop(key, None)
     if drop:
@@ -407,6 +408,22 @@ def fix_adapter(ctx: Context, findings: list[Finding]) -> tuple[Adapter, list[di
         config.setdefault("peft_type", "LORA")
     fixed = replace(ad, layers=layers, extra_tensors=extra, config=config, warnings=list(ad.warnings))
     return fixed, rows, warnings, out_format
+
+
+def _measure_stored(source: dict[str, Layer], fixed: dict[str, Layer], rows: list[dict]) -> None:
+    """Each rewritten layer's reported error is that of what is stored (factors in their output dtype, fp16/bf16
+    rounding and folded scales included) against the source ΔW, in float64; DoRA folds keep fold_layer's figure
+    (their ΔW depends on the base)."""
+    from loratools.convert import stored_error
+
+    for row in rows:
+        name = row["name"]
+        new, old = fixed.get(name), source.get(name)
+        if new is None or new is old or row["action"].startswith("DoRA folded") or not isinstance(new, LoraLayer):
+            continue
+        row["relative_error"] = stored_error(old, new, new.dtype)
+        if row["action"] == "converted (exact)" and row["relative_error"] > 1e-6:
+            row["action"] = f"converted ({str(new.dtype).removeprefix('torch.')} rounding)"
 
 
 def _mark(rows: list[dict], names: dict, action: str) -> None:

@@ -272,6 +272,26 @@ def test_lycoris_types_for_peft_and_diffusers(cli, samples, tmp_path):
     assert "comfyui.layer-kind" not in _ids(doc)
 
 
+def test_fix_reports_the_error_of_what_it_stored(cli, samples, tmp_path):
+    """LoHa/LoKr rewritten as fp16 LoRA factors: each row's error is the float64 error of the stored factors
+    (fp16 rounding, ~1e-4), not the 0 of the exact float32 conversion."""
+    from loratools.formats import load_adapter
+
+    src = samples / "lycoris.safetensors"
+    out = tmp_path / "fixed.safetensors"
+    res = cli("doctor", src, "--target", "diffusers", "--fix", "-o", out, "--json", "--quiet")
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)["per_layer"]}
+    a, b = load_adapter(src), load_adapter(out)
+    rewritten = [n for n, la in a.layers.items() if la.kind != "lora"]
+    assert rewritten
+    for name in rewritten:
+        want, got = a.layers[name].delta(torch.float64), b.layers[name].delta(torch.float64)
+        err = float((got - want).norm() / want.norm())
+        assert err > 1e-6 and rows[name]["relative_error"] == pytest.approx(err, rel=1e-3)
+
+
+
 # ---------------------------------------------------------------------------------------------------- ranks (vLLM)
 
 WIDE = dict(hidden_size=640, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
