@@ -80,12 +80,13 @@ def _parent(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name.rsplit("_", 1)[0]
 
 
-def align_names(adapters: list[Adapter]) -> None:
+def align_names(adapters: list[Adapter]) -> int:
     """Rename unresolved kohya stems to module paths another input uses (mangled names equal), in place.
 
     This lets kohya and PEFT inputs be merged without ``--base``; a stem with no unique match keeps
-    its name.
+    its name. Returns how many stems were paired that way (the caller warns: ``--base`` resolves them for sure).
     """
+    paired = 0
     known: dict[str, list[str]] = {}
     for ad in adapters:
         for name, layer in ad.layers.items():
@@ -98,8 +99,10 @@ def align_names(adapters: list[Adapter]) -> None:
         for name, layer in ad.layers.items():
             cands = set(known.get(split_prefix(name)[1], [])) if layer.meta.get("kohya_stem") == name else set()
             renamed[next(iter(cands)) if len(cands) == 1 else name] = layer
+            paired += len(cands) == 1
         ad.layers = renamed
         ad.resolved = all(layer.meta.get("kohya_stem") != n for n, layer in renamed.items())
+    return paired
 
 
 def check_compatible(adapters: list[Adapter], labels: list[str]) -> None:
@@ -304,7 +307,9 @@ def merge_adapters(
                 f"{label}: DoRA layer {dora[0]} cannot be merged (a magnitude vector is defined for one ΔW, not for a "
                 "weighted sum; PEFT ignores the inputs' magnitudes); bake DoRA adapters into the base with `loratools bake` instead"
             )
-    align_names(adapters)
+    if paired := align_names(adapters):
+        warnings.append(f"{paired} unresolved kohya stem(s) paired with another input's module paths by mangled name "
+                        "(pass --base to resolve them)")
     check_compatible(adapters, labels)
     if len(inputs) == 1 and method not in EXACT_METHODS:
         warnings.append(f"one input: method {method} reduces to linear (as in PEFT add_weighted_adapter)")

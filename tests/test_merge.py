@@ -90,6 +90,7 @@ def test_mixed_kohya_and_peft_inputs(cli, samples, tmp_path):
                  "--rank", "16", "--json")
     doc = json.loads(res.stdout)
     assert doc["totals"]["relative_error"] < 1e-5 and doc["format"] == "peft"
+    assert any("kohya stem(s) paired" in w and "--base" in w for w in doc["warnings"])  # as verify says it
     peft, kohya, merged = load_adapter(samples / "peft_lora"), load_adapter(samples / "kohya_lora.safetensors"), load_adapter(out)
     assert set(merged.layers) == set(peft.layers)
     for name, layer in peft.layers.items():
