@@ -111,7 +111,7 @@ def bake(
     """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
     base_path = Path(base)
     # names an existing output folder may hold to be replaced with --force (a pipeline's: its subfolders too)
-    known = sorted({e.name for e in base_path.rglob("*")}) if base_path.is_dir() else []
+    known = sorted(e.relative_to(base_path).as_posix() for e in base_path.rglob("*")) if base_path.is_dir() else []
     out = check_output(out, force, [base, *(p for p, _ in adapters)], is_dir=base_path.is_dir(), known_names=known)
     if base_path.is_dir() and Path(out).suffix.lower() in OTHER_WEIGHTS:
         raise LoraToolsError(f"{out}: a folder base ({base_path}) bakes into a folder, but -o ends in "

@@ -77,8 +77,8 @@ def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.
                  is_dir: bool | None = None, known_names: Iterable[str] = ()) -> Path:
     """Refuse an output that would touch an input, or replace what it may not (checked before any work).
 
-    ``is_dir`` is whether the output is a folder (None: not known yet); ``known_names`` are extra file
-    names a replaceable folder output may hold (``bake`` copies the base folder's files).
+    ``is_dir`` is whether the output is a folder (None: not known yet); ``known_names`` are extra paths, relative
+    to the output folder, that a replaceable folder output may hold (``bake`` copies the base folder's tree).
     """
     p = Path(out)
     try:
@@ -177,8 +177,10 @@ def _not_ours(folder: Path, known: set[str]) -> str | None:
     return None
 
 
-def _scan(folder: Path, known: set[str]) -> tuple[str | None, bool, bool]:
-    """(why not ours or None, whether weights were seen, whether anything was there) of ``folder``'s tree."""
+def _scan(folder: Path, known: set[str], under: str = "") -> tuple[str | None, bool, bool]:
+    """(why not ours or None, whether weights were seen, whether anything was there) of ``folder``'s tree;
+    ``known`` holds paths relative to the output folder (``unet``, ``unet/config.json``), ``under`` is where
+    ``folder`` is in it."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
@@ -187,17 +189,18 @@ def _scan(folder: Path, known: set[str]) -> tuple[str | None, bool, bool]:
     for e in entries:
         if e.is_symlink():
             return f"holds the link {e.name}", weights, True
+        rel = under + e.name
         if e.is_dir():
-            if e.name not in known:
-                return f"holds the subfolder {e.name}", weights, True
-            reason, sub_weights, _ = _scan(Path(e.path), known)
+            if rel not in known:
+                return f"holds the subfolder {rel}", weights, True
+            reason, sub_weights, _ = _scan(Path(e.path), known, rel + "/")
             if reason:
                 return reason, weights, True
             weights = weights or sub_weights
             continue
         suffix = Path(e.name).suffix
-        if not e.is_file() or (e.name not in known and suffix not in FOLDER_SUFFIXES):
-            return f"holds {e.name}, which is not an adapter or checkpoint file", weights, True
+        if not e.is_file() or (rel not in known and suffix not in FOLDER_SUFFIXES):
+            return f"holds {rel}, which is not an adapter or checkpoint file", weights, True
         weights = weights or suffix in WEIGHT_SUFFIXES
     return None, weights, bool(entries)
 

@@ -208,6 +208,9 @@ def test_bake_into_folder_equals_bake_into_single_file(cli, sd, tmp_path):
     cli.fails("bake", sd["src"], "--base", sd["folder"], "-o", out_f, match="--force")
     cli.ok("bake", sd["src"], "--base", sd["folder"], "-o", out_f, "--force")  # replaces its own pipeline output
     assert _files(out_f).keys() == src.keys()
+    (out_f / "unet" / "text_encoder").mkdir()  # a component name, but not where the pipeline has it: not ours
+    cli.fails("bake", sd["src"], "--base", sd["folder"], "-o", out_f, "--force", match="subfolder unet/text_encoder")
+    (out_f / "unet" / "text_encoder").rmdir()
     # the libraries load the baked components
     unet = UNet2DConditionModel.from_pretrained(out_f / "unet")
     for k, v in unet.state_dict().items():
