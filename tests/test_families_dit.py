@@ -267,6 +267,11 @@ def test_family_names_and_defaults():
     expert = wan.WanStructure(component="transformer_2").module_maps()
     assert expert[0].canonical == "transformer_2.condition_embedder.time_embedder.linear_1"
     assert wan.EXPERT_COMPONENTS == ("transformer", "transformer_2")
+    low = {"transformer_2." + k: v for k, v in tiny_wan().state_dict().items()}
+    assert wan.detect(low) == ("wan21", "diffusers")
+    st = wan.WanStructure.from_keys(low)
+    assert st.component == "transformer_2" and st.module_maps()[-1].canonical == "transformer_2.proj_out"
+    assert wan.WanStructure.from_keys(low, component="transformer").component == "transformer"
 
 
 # ------------------------------------------------------- original layout = diffusers' single file
@@ -506,7 +511,21 @@ def test_hunyuan_video_comfy_internal_names():
     assert hunyuan_video.comfy_internal("txt_in.individual_token_refiner.blocks.0.self_attn_qkv") == (
         "txt_in.individual_token_refiner.blocks.0.self_attn.qkv"
     )
-    # the ComfyUI internal names of a HunyuanVideo file are Flux-style: Flux's detector would take them
-    hv = hunyuan_video.HunyuanVideoStructure(num_double=1, num_single=1, num_refiner=1, hidden=4, mlp_hidden=16)
-    internal = [hunyuan_video.comfy_internal(m.weight_key) for m in hv.module_maps()]
-    assert flux.detect(internal) is not None and hunyuan_video.detect(internal) is None
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_hunyuan_video_checkpoint_in_comfy_internal_names(prefix):
+    case = _case("hunyuan_video")
+    internal = {prefix + hunyuan_video.comfy_internal(k): v for k, v in case.original().items()}
+    layout = "original" if prefix else "original_unprefixed"
+    assert hunyuan_video.detect(internal) == ("hunyuan_video", layout)
+    # Flux-style names: Flux's detector takes them too, the registry order answers HunyuanVideo
+    assert flux.detect(internal) is not None
+    assert dit_registry.detect(internal) == ("hunyuan_video", layout)
+    st = hunyuan_video.HunyuanVideoStructure.from_keys(internal)
+    assert st == hunyuan_video.HunyuanVideoStructure(**{**case.structure.__dict__, "prefix": prefix, "comfy_names": True})
+    maps = st.module_maps()
+    assert [m.canonical for m in maps] == [m.canonical for m in case.maps]
+    state = case.model.state_dict()
+    assert all(torch.equal(take_rows(m, internal[m.weight_key]), state[m.path + ".weight"]) for m in maps)
+    assert {m.weight_key for m in maps} | {prefix + "img_in.proj.weight"} == {k for k in internal if k.endswith(".weight")}

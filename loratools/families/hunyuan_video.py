@@ -24,7 +24,8 @@ guidance embedder), as diffusers' ``convert_hunyuan_video_transformer_to_diffuse
   OneTrainer ``lora_transformer_transformer_blocks_0_attn_to_q``.
 * ComfyUI loads Tencent checkpoints into Flux-style module names (``img_attn.qkv``, ``img_mod.lin``,
   ``img_mlp.0``, ``modulation.lin``, ``time_in.in_layer``): ``comfy_internal`` gives that name of an
-  original path (``COMFY_INTERNAL_RENAMES``), for checkpoints saved by ComfyUI and its generic LoRA keys.
+  original path (``COMFY_INTERNAL_RENAMES``), for checkpoints saved by ComfyUI and its generic LoRA keys;
+  ``HunyuanVideoStructure(comfy_names=True)`` describes such a checkpoint (``from_keys`` tells them apart).
 
 Family: ``hunyuan_video`` (T2V: 20 double + 40 single blocks, 2 refiner blocks, hidden 3072, guidance; I2V
 has the same Linear layers without the guidance embedder). Detection needs the token refiner, which
@@ -126,7 +127,8 @@ class HunyuanVideoStructure:
     """The shape of a HunyuanVideo transformer, enough to generate every module name and row slice.
 
     ``prefix`` precedes Tencent keys in the checkpoint described (``""``, ``"model.diffusion_model."`` or
-    ``"diffusion_model."``).
+    ``"diffusion_model."``). ``comfy_names`` describes a checkpoint saved by ComfyUI, whose keys are its
+    internal Flux-style names (``comfy_internal``) instead of Tencent's.
     """
 
     num_double: int = 20
@@ -136,6 +138,7 @@ class HunyuanVideoStructure:
     mlp_hidden: int = 12288
     guidance: bool = True
     prefix: str = ""
+    comfy_names: bool = False
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], prefix: str = "") -> HunyuanVideoStructure:
@@ -166,16 +169,21 @@ class HunyuanVideoStructure:
             hid_key, mlp_key = pre + "context_embedder.proj_in.weight", pre + "transformer_blocks.0.ff.net.0.proj.weight"
             guidance = any(k.startswith(pre + "time_text_embed.guidance_embedder.") for k in ks)
         else:
-            prefix = _original_prefix(ks) or ""
+            prefix, comfy = _original_prefix(ks) or ("", False)
             dbl, sgl, ref = prefix + "double_blocks.", prefix + "single_blocks.", prefix + "txt_in.individual_token_refiner.blocks."
-            hid_key, mlp_key = prefix + "txt_in.input_embedder.weight", prefix + "double_blocks.0.img_mlp.fc1.weight"
+            hid_key = prefix + "txt_in.input_embedder.weight"
+            mlp_key = prefix + (comfy_internal if comfy else str)("double_blocks.0.img_mlp.fc1.weight")
             guidance = any(k.startswith(prefix + "guidance_in.") for k in ks)
         hidden = rows_of(keys, hid_key) or cls.hidden
         mlp = rows_of(keys, mlp_key) or (cls.mlp_hidden if hidden == cls.hidden else 4 * hidden)
-        return cls(count_blocks(ks, dbl), count_blocks(ks, sgl), count_blocks(ks, ref), hidden, mlp, guidance, prefix)
+        counts = (count_blocks(ks, dbl), count_blocks(ks, sgl), count_blocks(ks, ref))
+        return cls(*counts, hidden, mlp, guidance, prefix, got[1] != "diffusers" and comfy)
 
     def pairs(self) -> list[Pair]:
-        """Every module as ``(diffusers path, Tencent path, rows)``, in ``HunyuanVideoTransformer3DModel`` order."""
+        """Every module as ``(diffusers path, Tencent path, rows)``, in ``HunyuanVideoTransformer3DModel`` order
+        (ComfyUI's internal path instead of Tencent's when ``comfy_names``)."""
+        if self.comfy_names:
+            return [(d, comfy_internal(o), r) for d, o, r in type(self)(**{**self.__dict__, "comfy_names": False}).pairs()]
         h = self.hidden
         out: list[Pair] = [(d, o, None) for d, o in REFINER_EMBED_PARTS]
         for i in range(self.num_refiner):
@@ -219,12 +227,18 @@ def comfy_internal(path: str) -> str:
     return path
 
 
-def _original_prefix(keys: list[str]) -> str | None:
-    return find_prefix(
-        keys,
-        lambda p, ks: any_block(ks, p, "double_blocks", "img_attn_qkv.")
-        and any(k.startswith(p + "txt_in.individual_token_refiner.") for k in ks),
-    )
+def _original_prefix(keys: list[str]) -> tuple[str, bool] | None:
+    """``(prefix, comfy_names)`` of a Tencent (``img_attn_qkv``) or ComfyUI-internal (``img_attn.qkv``)
+    original key set, or None."""
+    for qkv, comfy in (("img_attn_qkv.", False), ("img_attn.qkv.", True)):
+        p = find_prefix(
+            keys,
+            lambda p, ks, qkv=qkv: any_block(ks, p, "double_blocks", qkv)
+            and any(k.startswith(p + "txt_in.individual_token_refiner.") for k in ks),
+        )
+        if p is not None:
+            return p, comfy
+    return None
 
 
 def _diffusers_prefix(keys: list[str]) -> str | None:
@@ -268,14 +282,14 @@ HUNYUAN_VIDEO_FAMILIES: dict[str, HunyuanVideoFamily] = {
 def detect(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
     """Which HunyuanVideo family and layout a *checkpoint* key set is: ``(family, layout)`` or None.
 
-    Original: ``[model.diffusion_model.|diffusion_model.]double_blocks.N.img_attn_qkv`` with
-    ``txt_in.individual_token_refiner``; diffusers: ``[transformer.]transformer_blocks.N.attn.add_q_proj``
+    Original: ``[model.diffusion_model.|diffusion_model.]double_blocks.N.img_attn_qkv`` (or ComfyUI's
+    internal ``img_attn.qkv``) with ``txt_in.individual_token_refiner``; diffusers: ``[transformer.]transformer_blocks.N.attn.add_q_proj``
     with ``context_embedder.token_refiner``. Flux (no token refiner, ``img_attn.qkv``) never answers.
     """
     ks = keyset(keys)
-    p = _original_prefix(ks)
-    if p is not None:
-        return "hunyuan_video", layout_of(p)
+    got = _original_prefix(ks)
+    if got is not None:
+        return "hunyuan_video", layout_of(got[0])
     if _diffusers_prefix(ks) is not None:
         return "hunyuan_video", "diffusers"
     return None

@@ -113,9 +113,10 @@ class WanStructure:
         )
 
     @classmethod
-    def from_keys(cls, keys: Iterable[str] | Mapping[str, Any], component: str = "transformer") -> WanStructure:
+    def from_keys(cls, keys: Iterable[str] | Mapping[str, Any], component: str | None = None) -> WanStructure:
         """Infer the structure from a Wan-Video or diffusers key set (sizes from shapes when given tensors,
-        else the detected family's)."""
+        else the detected family's). ``component`` defaults to ``transformer_2`` for a diffusers key set
+        under ``transformer_2.``, else ``transformer`` (an original file does not say which expert it is)."""
         ks = keyset(keys)
         got = detect(keys)
         if got is None:
@@ -131,6 +132,7 @@ class WanStructure:
         ffn_hidden = rows_of(keys, ffn) or default.ffn_hidden
         in_ch = rows_of(keys, pre + "patch_embedding.weight", 1) or default.in_channels
         image = any(k.startswith(pre + "blocks.") and img in k for k in ks)
+        component = component or ("transformer_2" if pre == "transformer_2." else "transformer")
         return cls(count_blocks(ks, pre + "blocks."), hidden, ffn_hidden, image, in_ch, component, prefix)
 
     def pairs(self) -> list[Pair]:
