@@ -41,7 +41,11 @@ MODULES = {"sd3": sd3, "wan": wan, "qwen_image": qwen_image, "hunyuan_video": hu
 
 
 def _adaptable(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d))]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d))
+    ]
 
 
 def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -92,35 +96,70 @@ def adaptable_state(model: torch.nn.Module, maps: list[FluxModuleMap]) -> dict[s
 # ------------------------------------------------------------------------------------ tiny models
 def tiny_sd3(dual: tuple[int, ...] = (), qk: bool = False, seed: int = 0) -> SD3Transformer2DModel:
     cfg = dict(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=dual, qk_norm="rms_norm" if qk else None,
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=8,
+        dual_attention_layers=dual,
+        qk_norm="rms_norm" if qk else None,
     )
     return _randomised(SD3Transformer2DModel(**cfg), seed)
 
 
 def tiny_wan(image: bool = False, seed: int = 0) -> WanTransformer3DModel:
     cfg = dict(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=8, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-        image_dim=12 if image else None, added_kv_proj_dim=16 if image else None,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=8,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+        image_dim=12 if image else None,
+        added_kv_proj_dim=16 if image else None,
     )
     return _randomised(WanTransformer3DModel(**cfg), seed)
 
 
 def tiny_qwen(seed: int = 0) -> QwenImageTransformer2DModel:
     cfg = dict(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(2, 2, 4),
     )
     return _randomised(QwenImageTransformer2DModel(**cfg), seed)
 
 
 def tiny_hunyuan(guidance: bool = True, seed: int = 0) -> HunyuanVideoTransformer3DModel:
     cfg = dict(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-        num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=16,
-        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), guidance_embeds=guidance,
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),
+        guidance_embeds=guidance,
     )
     return _randomised(HunyuanVideoTransformer3DModel(**cfg), seed)
 
@@ -149,8 +188,11 @@ class Case:
 
 def _case(label: str) -> Case:
     if label.startswith("sd3"):
-        dual, qk, fam = {"sd3": ((), False, "sd3"), "sd3_medium35": ((0, 1), True, "sd35_medium"),
-                         "sd3_qk": ((), True, "sd35_large")}[label]
+        dual, qk, fam = {
+            "sd3": ((), False, "sd3"),
+            "sd3_medium35": ((0, 1), True, "sd35_medium"),
+            "sd3_qk": ((), True, "sd35_large"),
+        }[label]
         m = tiny_sd3(dual, qk)
         return Case(label, fam, sd3, m, sd3.SD3Structure.from_diffusers_config(dict(m.config)))
     if label.startswith("wan"):
@@ -158,41 +200,96 @@ def _case(label: str) -> Case:
         return Case(label, "wan21", wan, m, wan.WanStructure.from_diffusers_config(dict(m.config)))
     if label == "qwen_image":
         m = tiny_qwen()
-        return Case(label, "qwen_image", qwen_image, m, qwen_image.QwenImageStructure.from_diffusers_config(dict(m.config)))
+        return Case(
+            label,
+            "qwen_image",
+            qwen_image,
+            m,
+            qwen_image.QwenImageStructure.from_diffusers_config(dict(m.config)),
+        )
     m = tiny_hunyuan(guidance=label == "hunyuan_video")
-    return Case(label, "hunyuan_video", hunyuan_video, m, hunyuan_video.HunyuanVideoStructure.from_diffusers_config(dict(m.config)))
+    return Case(
+        label,
+        "hunyuan_video",
+        hunyuan_video,
+        m,
+        hunyuan_video.HunyuanVideoStructure.from_diffusers_config(dict(m.config)),
+    )
 
 
-LABELS = ["sd3", "sd3_medium35", "sd3_qk", "wan_t2v", "wan_i2v", "qwen_image", "hunyuan_video", "hunyuan_video_i2v"]
+LABELS = [
+    "sd3",
+    "sd3_medium35",
+    "sd3_qk",
+    "wan_t2v",
+    "wan_i2v",
+    "qwen_image",
+    "hunyuan_video",
+    "hunyuan_video_i2v",
+]
 
 
 # ------------------------------------------------------------------------- full-size key coverage
 FULL: dict[str, tuple[type, dict[str, Any]]] = {
-    "sd3": (SD3Transformer2DModel, dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)),
-    "sd35_medium": (SD3Transformer2DModel, dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                                                pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")),
-    "sd35_large": (SD3Transformer2DModel, dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-                                               pos_embed_max_size=192, qk_norm="rms_norm")),
+    "sd3": (
+        SD3Transformer2DModel,
+        dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
+    ),
+    "sd35_medium": (
+        SD3Transformer2DModel,
+        dict(
+            num_layers=24,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
+        ),
+    ),
+    "sd35_large": (
+        SD3Transformer2DModel,
+        dict(
+            num_layers=38,
+            num_attention_heads=38,
+            caption_projection_dim=2432,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        ),
+    ),
     "wan21": (WanTransformer3DModel, {}),
     "wan21_i2v": (WanTransformer3DModel, dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120)),
     "wan21_1.3b": (WanTransformer3DModel, dict(num_layers=30, num_attention_heads=12, ffn_dim=8960)),
     "wan22": (WanTransformer3DModel, {}),
     "wan22_i2v": (WanTransformer3DModel, dict(in_channels=36)),
-    "wan22_5b": (WanTransformer3DModel, dict(num_layers=30, num_attention_heads=24, ffn_dim=14336, in_channels=48, out_channels=48)),
+    "wan22_5b": (
+        WanTransformer3DModel,
+        dict(num_layers=30, num_attention_heads=24, ffn_dim=14336, in_channels=48, out_channels=48),
+    ),
     "qwen_image": (QwenImageTransformer2DModel, {}),
     "hunyuan_video": (HunyuanVideoTransformer3DModel, {}),
-    "hunyuan_video_i2v": (HunyuanVideoTransformer3DModel, dict(in_channels=33, guidance_embeds=False, image_condition_type="latent_concat")),
+    "hunyuan_video_i2v": (
+        HunyuanVideoTransformer3DModel,
+        dict(in_channels=33, guidance_embeds=False, image_condition_type="latent_concat"),
+    ),
 }
 # full-size variant → (family detect answers on its original key set with shapes, family whose default it is or None)
 FULL_FAMILY = {
-    "sd3": ("sd3", "sd3"), "sd35_medium": ("sd35_medium", "sd35_medium"), "sd35_large": ("sd35_large", "sd35_large"),
-    "wan21": ("wan21", "wan21"), "wan21_i2v": ("wan21", None), "wan21_1.3b": ("wan21", None),
-    "wan22": ("wan21", "wan22"), "wan22_i2v": ("wan22", None), "wan22_5b": ("wan22", None),
-    "qwen_image": ("qwen_image", "qwen_image"), "hunyuan_video": ("hunyuan_video", "hunyuan_video"),
+    "sd3": ("sd3", "sd3"),
+    "sd35_medium": ("sd35_medium", "sd35_medium"),
+    "sd35_large": ("sd35_large", "sd35_large"),
+    "wan21": ("wan21", "wan21"),
+    "wan21_i2v": ("wan21", None),
+    "wan21_1.3b": ("wan21", None),
+    "wan22": ("wan21", "wan22"),
+    "wan22_i2v": ("wan22", None),
+    "wan22_5b": ("wan22", None),
+    "qwen_image": ("qwen_image", "qwen_image"),
+    "hunyuan_video": ("hunyuan_video", "hunyuan_video"),
     "hunyuan_video_i2v": ("hunyuan_video", None),
 }
 STRUCTURE_OF = {
-    SD3Transformer2DModel: sd3.SD3Structure, WanTransformer3DModel: wan.WanStructure,
+    SD3Transformer2DModel: sd3.SD3Structure,
+    WanTransformer3DModel: wan.WanStructure,
     QwenImageTransformer2DModel: qwen_image.QwenImageStructure,
     HunyuanVideoTransformer3DModel: hunyuan_video.HunyuanVideoStructure,
 }
@@ -239,7 +336,10 @@ def test_full_size_models_are_covered_exactly(variant):
             assert m.rows[1] - m.rows[0] == state[m.path + ".weight"].shape[0], m.canonical
     for m in maps:
         if m.permuted:
-            assert sorted(m.row_order) == [(0, state[m.path + ".weight"].shape[0] // 2), (state[m.path + ".weight"].shape[0] // 2, state[m.path + ".weight"].shape[0])]
+            assert sorted(m.row_order) == [
+                (0, state[m.path + ".weight"].shape[0] // 2),
+                (state[m.path + ".weight"].shape[0] // 2, state[m.path + ".weight"].shape[0]),
+            ]
     # full-size shapes: detect and from_keys read them back from an original-layout key set
     meta = _meta_original(maps, state)
     if cls is WanTransformer3DModel:
@@ -249,15 +349,22 @@ def test_full_size_models_are_covered_exactly(variant):
         layout = "original" if prefix else ("diffusers" if module is qwen_image else "original_unprefixed")
         assert module.detect(pre) == (detected, layout)
         assert dit_registry.detect(pre) == (detected, layout)
-        assert STRUCTURE_OF[cls].from_keys(pre) == (st if module is qwen_image and not prefix else
-                                                    type(st)(**{**st.__dict__, "prefix": prefix}))
+        assert STRUCTURE_OF[cls].from_keys(pre) == (
+            st if module is qwen_image and not prefix else type(st)(**{**st.__dict__, "prefix": prefix})
+        )
     assert module.detect(state) == (detected, "diffusers")
     assert STRUCTURE_OF[cls].from_keys(state) == st
 
 
 def test_family_names_and_defaults():
     assert list(dit_registry.DIT_DESCRIBED) == [
-        "sd3", "sd35_medium", "sd35_large", "wan21", "wan22", "qwen_image", "hunyuan_video"
+        "sd3",
+        "sd35_medium",
+        "sd35_large",
+        "wan21",
+        "wan22",
+        "qwen_image",
+        "hunyuan_video",
     ]
     for name, fam in dit_registry.DIT_DESCRIBED.items():
         assert fam.name == name and fam.description
@@ -279,11 +386,17 @@ def _sd3_extras(case: Case) -> dict[str, torch.Tensor]:
     """What diffusers' SD3 converter needs beside the adaptable tensors: patch embedding, positions and
     (with q/k norms) the RMSNorm scales."""
     s = case.model.state_dict()
-    out = {"pos_embed": s["pos_embed.pos_embed"], "x_embedder.proj.weight": s["pos_embed.proj.weight"],
-           "x_embedder.proj.bias": s["pos_embed.proj.bias"]}
+    out = {
+        "pos_embed": s["pos_embed.pos_embed"],
+        "x_embedder.proj.weight": s["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": s["pos_embed.proj.bias"],
+    }
     for i in range(case.structure.num_layers):
-        for attn, blk, d_q, d_k in (("attn", "x_block", "norm_q", "norm_k"), ("attn", "context_block", "norm_added_q", "norm_added_k"),
-                                    ("attn2", "x_block", "norm_q", "norm_k")):
+        for attn, blk, d_q, d_k in (
+            ("attn", "x_block", "norm_q", "norm_k"),
+            ("attn", "context_block", "norm_added_q", "norm_added_k"),
+            ("attn2", "x_block", "norm_q", "norm_k"),
+        ):
             for o, d in (("ln_q", d_q), ("ln_k", d_k)):
                 key = f"transformer_blocks.{i}.{attn}.{d}.weight"
                 if key in s:
@@ -299,9 +412,14 @@ def _renamed(case: Case, names: dict[str, str]) -> dict[str, torch.Tensor]:
 #: original-layout tensors beside the adaptable ones (patch embeddings; SD3's positions and q/k norms)
 EXTRAS: dict[str, Callable[[Case], dict[str, torch.Tensor]]] = {
     "sd3": lambda c: _sd3_extras(c),
-    "wan": lambda c: _renamed(c, {"patch_embedding.weight": "patch_embedding.weight", "patch_embedding.bias": "patch_embedding.bias"}),
+    "wan": lambda c: _renamed(
+        c,
+        {"patch_embedding.weight": "patch_embedding.weight", "patch_embedding.bias": "patch_embedding.bias"},
+    ),
     "qwen_image": lambda c: {},
-    "hunyuan_video": lambda c: _renamed(c, {"x_embedder.proj.weight": "img_in.proj.weight", "x_embedder.proj.bias": "img_in.proj.bias"}),
+    "hunyuan_video": lambda c: _renamed(
+        c, {"x_embedder.proj.weight": "img_in.proj.weight", "x_embedder.proj.bias": "img_in.proj.bias"}
+    ),
 }
 #: diffusers' single-file mappings that take bare keys only (the loader strips ``model.diffusion_model.``)
 BARE_ONLY = {"qwen_image", "hunyuan_video"}
@@ -309,9 +427,14 @@ BARE_ONLY = {"qwen_image", "hunyuan_video"}
 CONVERTERS: dict[str, Callable[[Case], Callable]] = {
     "sd3": lambda c: sfu.convert_sd3_transformer_checkpoint_to_diffusers,
     "wan": lambda c: sfu.convert_wan_transformer_to_diffusers,
-    "qwen_image": lambda c: lambda ckpt, **kw: ckpt,  # diffusers' single-file mapping for Qwen-Image is the identity
-    "hunyuan_video": lambda c: _patched(sfu.convert_hunyuan_video_transformer_to_diffusers, "hidden_size = 3072",
-                                        f"hidden_size = {c.structure.hidden}"),
+    "qwen_image": lambda c: (
+        lambda ckpt, **kw: ckpt
+    ),  # diffusers' single-file mapping for Qwen-Image is the identity
+    "hunyuan_video": lambda c: _patched(
+        sfu.convert_hunyuan_video_transformer_to_diffusers,
+        "hidden_size = 3072",
+        f"hidden_size = {c.structure.hidden}",
+    ),
 }
 
 
@@ -337,7 +460,11 @@ def test_structure_inferred_from_the_file(label):
     case = _case(label)
     ckpt = case.original()
     st = case.structure
-    layouts = {"": "original_unprefixed", "diffusion_model.": "original_unprefixed", "model.diffusion_model.": "original"}
+    layouts = {
+        "": "original_unprefixed",
+        "diffusion_model.": "original_unprefixed",
+        "model.diffusion_model.": "original",
+    }
     for prefix, layout in layouts.items():
         pre = {prefix + k: v for k, v in ckpt.items()}
         if case.module is qwen_image and not prefix:
@@ -363,9 +490,16 @@ def test_structure_inferred_from_the_file(label):
 def test_row_permutations_are_the_shift_scale_swaps():
     st = sd3.SD3Structure(num_layers=2, hidden=4, mlp_hidden=16)
     perm = {m.path: m.row_order for m in st.module_maps() if m.permuted}
-    assert perm == {"norm_out.linear": ((4, 8), (0, 4)), "transformer_blocks.1.norm1_context.linear": ((4, 8), (0, 4))}
-    hv = hunyuan_video.HunyuanVideoStructure(num_double=1, num_single=1, num_refiner=1, hidden=4, mlp_hidden=16)
-    assert {m.path: m.row_order for m in hv.module_maps() if m.permuted} == {"norm_out.linear": ((4, 8), (0, 4))}
+    assert perm == {
+        "norm_out.linear": ((4, 8), (0, 4)),
+        "transformer_blocks.1.norm1_context.linear": ((4, 8), (0, 4)),
+    }
+    hv = hunyuan_video.HunyuanVideoStructure(
+        num_double=1, num_single=1, num_refiner=1, hidden=4, mlp_hidden=16
+    )
+    assert {m.path: m.row_order for m in hv.module_maps() if m.permuted} == {
+        "norm_out.linear": ((4, 8), (0, 4))
+    }
     assert not any(m.permuted or m.fused for m in wan.WanStructure(num_layers=2).module_maps())
     assert not any(m.permuted or m.fused for m in qwen_image.QwenImageStructure(num_layers=2).module_maps())
     t = torch.arange(8.0)[:, None]
@@ -415,7 +549,11 @@ def test_wan_comfy_and_musubi_names_are_what_diffusers_reads(label):
     for m in blocks:
         stem = wan.MUSUBI_PREFIX + mangle(strip_prefix(m.original))
         down, up = lora[strip_prefix(m.original)]
-        musubi |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)}
+        musubi |= {
+            f"{stem}.lora_down.weight": down,
+            f"{stem}.lora_up.weight": up,
+            f"{stem}.alpha": torch.tensor(2.0),
+        }
     _check_converted(lcu._convert_musubi_wan_lora_to_diffusers(musubi), blocks, lora)
 
 
@@ -424,11 +562,17 @@ def test_hunyuan_video_lora_names_are_what_diffusers_reads(prefix):
     case = _case("hunyuan_video")
     # diffusers' reader chunks the *down* factor too for the token refiner's self_attn_qkv and swaps the rows
     # of final_layer.adaLN_modulation.1's down factor (its rows are rank, not modulation): not checkable there
-    maps, lora = _shaped_lora(case, lambda m: not m.original.startswith(("txt_in.individual_token_refiner", "final_layer.adaLN")))
+    maps, lora = _shaped_lora(
+        case, lambda m: not m.original.startswith(("txt_in.individual_token_refiner", "final_layer.adaLN"))
+    )
     keys = {}
     for key, (down, up) in lora.items():
         keys |= {f"{prefix}{key}.lora_A.weight": down, f"{prefix}{key}.lora_B.weight": up}
-    conv = _patched(lcu._convert_hunyuan_video_lora_to_diffusers, "hidden_size = 3072", f"hidden_size = {case.structure.hidden}")
+    conv = _patched(
+        lcu._convert_hunyuan_video_lora_to_diffusers,
+        "hidden_size = 3072",
+        f"hidden_size = {case.structure.hidden}",
+    )
     _check_converted(conv(keys), maps, lora)
 
 
@@ -438,13 +582,23 @@ def test_qwen_image_lora_names_are_what_diffusers_reads(style):
     maps, lora = _shaped_lora(case)
     keys = {}
     for key, (down, up) in lora.items():
-        stem = qwen_image.KOHYA_ORIGINAL_PREFIX + mangle(key) if style == "kohya" else qwen_image.COMFY_PREFIX + key
-        keys |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)}
+        stem = (
+            qwen_image.KOHYA_ORIGINAL_PREFIX + mangle(key)
+            if style == "kohya"
+            else qwen_image.COMFY_PREFIX + key
+        )
+        keys |= {
+            f"{stem}.lora_down.weight": down,
+            f"{stem}.lora_up.weight": up,
+            f"{stem}.alpha": torch.tensor(2.0),
+        }
     _check_converted(lcu._convert_non_diffusers_qwen_lora_to_diffusers(keys), maps, lora)
 
 
 # ------------------------------------------------------------------------------- mangled names
-@pytest.mark.parametrize("variant", ["sd3", "sd35_medium", "sd35_large", "wan21", "wan21_i2v", "qwen_image", "hunyuan_video"])
+@pytest.mark.parametrize(
+    "variant", ["sd3", "sd35_medium", "sd35_large", "wan21", "wan21_i2v", "qwen_image", "hunyuan_video"]
+)
 def test_mangled_kohya_names_are_unique(variant):
     cls, cfg = FULL[variant]
     with torch.device("meta"):
@@ -462,11 +616,23 @@ def test_mangled_kohya_names_are_unique(variant):
 # ---------------------------------------------------------------------------------------- detection
 def _flux_keys() -> dict[str, list[str]]:
     with torch.device("meta"):
-        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                       joint_attention_dim=16, pooled_projection_dim=8, in_channels=4, axes_dims_rope=(2, 2, 4))
+        model = FluxTransformer2DModel(
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=8,
+            in_channels=4,
+            axes_dims_rope=(2, 2, 4),
+        )
     st = flux.FluxStructure.from_diffusers_config(dict(model.config))
     bfl = [m.weight_key for m in st.module_maps()]
-    return {"bfl": bfl, "bfl_comfy": ["model.diffusion_model." + k for k in bfl], "diffusers": list(model.state_dict())}
+    return {
+        "bfl": bfl,
+        "bfl_comfy": ["model.diffusion_model." + k for k in bfl],
+        "diffusers": list(model.state_dict()),
+    }
 
 
 def test_detect_tells_every_family_and_layout_apart():
@@ -477,8 +643,16 @@ def test_detect_tells_every_family_and_layout_apart():
         diff = list(case.model.state_dict())
         orig_layout = "diffusers" if case.module is qwen_image else "original_unprefixed"
         sets[f"{label}/orig"] = (label, ckpt, (case.family, orig_layout))
-        sets[f"{label}/comfy"] = (label, ["model.diffusion_model." + k for k in ckpt], (case.family, "original"))
-        sets[f"{label}/dm"] = (label, ["diffusion_model." + k for k in ckpt], (case.family, "original_unprefixed"))
+        sets[f"{label}/comfy"] = (
+            label,
+            ["model.diffusion_model." + k for k in ckpt],
+            (case.family, "original"),
+        )
+        sets[f"{label}/dm"] = (
+            label,
+            ["diffusion_model." + k for k in ckpt],
+            (case.family, "original_unprefixed"),
+        )
         sets[f"{label}/diffusers"] = (label, diff, (case.family, "diffusers"))
         sets[f"{label}/pipeline"] = (label, ["transformer." + k for k in diff], (case.family, "diffusers"))
     for name, (label, keys, want) in sets.items():
@@ -505,7 +679,9 @@ def test_hunyuan_video_comfy_internal_names():
     assert hunyuan_video.comfy_internal("double_blocks.0.img_attn_qkv") == "double_blocks.0.img_attn.qkv"
     assert hunyuan_video.comfy_internal("double_blocks.0.txt_mod.linear") == "double_blocks.0.txt_mod.lin"
     assert hunyuan_video.comfy_internal("double_blocks.0.img_mlp.fc2") == "double_blocks.0.img_mlp.2"
-    assert hunyuan_video.comfy_internal("single_blocks.3.modulation.linear") == "single_blocks.3.modulation.lin"
+    assert (
+        hunyuan_video.comfy_internal("single_blocks.3.modulation.linear") == "single_blocks.3.modulation.lin"
+    )
     assert hunyuan_video.comfy_internal("time_in.mlp.0") == "time_in.in_layer"
     assert hunyuan_video.comfy_internal("txt_in.c_embedder.linear_2") == "txt_in.c_embedder.out_layer"
     assert hunyuan_video.comfy_internal("txt_in.individual_token_refiner.blocks.0.self_attn_qkv") == (
@@ -523,9 +699,13 @@ def test_hunyuan_video_checkpoint_in_comfy_internal_names(prefix):
     assert flux.detect(internal) is not None
     assert dit_registry.detect(internal) == ("hunyuan_video", layout)
     st = hunyuan_video.HunyuanVideoStructure.from_keys(internal)
-    assert st == hunyuan_video.HunyuanVideoStructure(**{**case.structure.__dict__, "prefix": prefix, "comfy_names": True})
+    assert st == hunyuan_video.HunyuanVideoStructure(
+        **{**case.structure.__dict__, "prefix": prefix, "comfy_names": True}
+    )
     maps = st.module_maps()
     assert [m.canonical for m in maps] == [m.canonical for m in case.maps]
     state = case.model.state_dict()
     assert all(torch.equal(take_rows(m, internal[m.weight_key]), state[m.path + ".weight"]) for m in maps)
-    assert {m.weight_key for m in maps} | {prefix + "img_in.proj.weight"} == {k for k in internal if k.endswith(".weight")}
+    assert {m.weight_key for m in maps} | {prefix + "img_in.proj.weight"} == {
+        k for k in internal if k.endswith(".weight")
+    }

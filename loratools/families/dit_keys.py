@@ -41,6 +41,8 @@ __all__ = [
     "LYCORIS_PREFIX",
     "ORIGINAL_PREFIXES",
     "PREFIXED",
+    "Pair",
+    "any_block",
     "build_maps",
     "count_blocks",
     "find_prefix",
@@ -59,7 +61,9 @@ def mangle(path: str) -> str:
     return path.replace(".", "_")
 
 
-def find_prefix(keys: list[str], has: Callable[[str, list[str]], bool], prefixes: Iterable[str] = ORIGINAL_PREFIXES) -> str | None:
+def find_prefix(
+    keys: list[str], has: Callable[[str, list[str]], bool], prefixes: Iterable[str] = ORIGINAL_PREFIXES
+) -> str | None:
     """The first of ``prefixes`` (longest first) for which ``has(prefix, keys)`` holds, else None."""
     for p in prefixes:
         if has(p, keys):

@@ -102,7 +102,10 @@ GUIDANCE_PARTS: tuple[tuple[str, str], ...] = (
     ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
     ("time_text_embed.guidance_embedder.linear_2", "guidance_in.mlp.2"),
 )
-DOUBLE_MODS: tuple[tuple[str, str], ...] = (("norm1.linear", "img_mod.linear"), ("norm1_context.linear", "txt_mod.linear"))
+DOUBLE_MODS: tuple[tuple[str, str], ...] = (
+    ("norm1.linear", "img_mod.linear"),
+    ("norm1_context.linear", "txt_mod.linear"),
+)
 DOUBLE_QKV = ("img_attn_qkv", ("attn.to_q", "attn.to_k", "attn.to_v"))
 TXT_QKV = ("txt_attn_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
 # model order of the context projections in diffusers' attention module: add_k, add_v, add_q
@@ -165,12 +168,23 @@ class HunyuanVideoStructure:
         if got[1] == "diffusers":
             pre = _diffusers_prefix(ks) or ""
             prefix = ""
-            dbl, sgl, ref = pre + "transformer_blocks.", pre + "single_transformer_blocks.", pre + "context_embedder.token_refiner.refiner_blocks."
-            hid_key, mlp_key = pre + "context_embedder.proj_in.weight", pre + "transformer_blocks.0.ff.net.0.proj.weight"
+            dbl, sgl, ref = (
+                pre + "transformer_blocks.",
+                pre + "single_transformer_blocks.",
+                pre + "context_embedder.token_refiner.refiner_blocks.",
+            )
+            hid_key, mlp_key = (
+                pre + "context_embedder.proj_in.weight",
+                pre + "transformer_blocks.0.ff.net.0.proj.weight",
+            )
             guidance = any(k.startswith(pre + "time_text_embed.guidance_embedder.") for k in ks)
         else:
             prefix, comfy = _original_prefix(ks) or ("", False)
-            dbl, sgl, ref = prefix + "double_blocks.", prefix + "single_blocks.", prefix + "txt_in.individual_token_refiner.blocks."
+            dbl, sgl, ref = (
+                prefix + "double_blocks.",
+                prefix + "single_blocks.",
+                prefix + "txt_in.individual_token_refiner.blocks.",
+            )
             hid_key = prefix + "txt_in.input_embedder.weight"
             mlp_key = prefix + (comfy_internal if comfy else str)("double_blocks.0.img_mlp.fc1.weight")
             guidance = any(k.startswith(prefix + "guidance_in.") for k in ks)
@@ -183,12 +197,21 @@ class HunyuanVideoStructure:
         """Every module as ``(diffusers path, Tencent path, rows)``, in ``HunyuanVideoTransformer3DModel`` order
         (ComfyUI's internal path instead of Tencent's when ``comfy_names``)."""
         if self.comfy_names:
-            return [(d, comfy_internal(o), r) for d, o, r in type(self)(**{**self.__dict__, "comfy_names": False}).pairs()]
+            return [
+                (d, comfy_internal(o), r)
+                for d, o, r in type(self)(**{**self.__dict__, "comfy_names": False}).pairs()
+            ]
         h = self.hidden
         out: list[Pair] = [(d, o, None) for d, o in REFINER_EMBED_PARTS]
         for i in range(self.num_refiner):
-            d, o = f"context_embedder.token_refiner.refiner_blocks.{i}", f"txt_in.individual_token_refiner.blocks.{i}"
-            out += [(f"{d}.{c}", f"{o}.{orig}", r) for c, orig, r in fused_rows(REFINER_QKV[0], REFINER_QKV[1], (h, h, h))]
+            d, o = (
+                f"context_embedder.token_refiner.refiner_blocks.{i}",
+                f"txt_in.individual_token_refiner.blocks.{i}",
+            )
+            out += [
+                (f"{d}.{c}", f"{o}.{orig}", r)
+                for c, orig, r in fused_rows(REFINER_QKV[0], REFINER_QKV[1], (h, h, h))
+            ]
             out += [(f"{d}.{c}", f"{o}.{orig}", None) for c, orig in REFINER_PARTS]
         out += [(d, o, None) for d, o in EMBED_PARTS]
         if self.guidance:
@@ -196,14 +219,22 @@ class HunyuanVideoStructure:
         for i in range(self.num_double):
             d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
             out += [(f"{d}.{c}", f"{o}.{orig}", None) for c, orig in DOUBLE_MODS]
-            out += [(f"{d}.{c}", f"{o}.{orig}", r) for c, orig, r in fused_rows(DOUBLE_QKV[0], DOUBLE_QKV[1], (h, h, h))]
+            out += [
+                (f"{d}.{c}", f"{o}.{orig}", r)
+                for c, orig, r in fused_rows(DOUBLE_QKV[0], DOUBLE_QKV[1], (h, h, h))
+            ]
             txt = {c: (orig, r) for c, orig, r in fused_rows(TXT_QKV[0], TXT_QKV[1], (h, h, h))}
             out += [(f"{d}.{c}", f"{o}.{txt[c][0]}", txt[c][1]) for c in TXT_ORDER]
             out += [(f"{d}.{c}", f"{o}.{orig}", None) for c, orig in DOUBLE_PARTS]
         for i in range(self.num_single):
             d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-            lin1 = {c: r for c, _, r in fused_rows(SINGLE_FUSED[0], SINGLE_FUSED[1], (h, h, h, self.mlp_hidden))}
-            out += [(f"{d}.{c}", f"{o}.{SINGLE_FUSED[0]}", lin1[c]) for c in ("attn.to_q", "attn.to_k", "attn.to_v")]
+            lin1 = {
+                c: r for c, _, r in fused_rows(SINGLE_FUSED[0], SINGLE_FUSED[1], (h, h, h, self.mlp_hidden))
+            }
+            out += [
+                (f"{d}.{c}", f"{o}.{SINGLE_FUSED[0]}", lin1[c])
+                for c in ("attn.to_q", "attn.to_k", "attn.to_v")
+            ]
             out.append((f"{d}.norm.linear", f"{o}.modulation.linear", None))
             out.append((f"{d}.proj_mlp", f"{o}.{SINGLE_FUSED[0]}", lin1["proj_mlp"]))
             out.append((f"{d}.proj_out", f"{o}.linear2", None))
@@ -233,8 +264,10 @@ def _original_prefix(keys: list[str]) -> tuple[str, bool] | None:
     for qkv, comfy in (("img_attn_qkv.", False), ("img_attn.qkv.", True)):
         p = find_prefix(
             keys,
-            lambda p, ks, qkv=qkv: any_block(ks, p, "double_blocks", qkv)
-            and any(k.startswith(p + "txt_in.individual_token_refiner.") for k in ks),
+            lambda p, ks, qkv=qkv: (
+                any_block(ks, p, "double_blocks", qkv)
+                and any(k.startswith(p + "txt_in.individual_token_refiner.") for k in ks)
+            ),
         )
         if p is not None:
             return p, comfy
@@ -244,8 +277,10 @@ def _original_prefix(keys: list[str]) -> tuple[str, bool] | None:
 def _diffusers_prefix(keys: list[str]) -> str | None:
     return find_prefix(
         keys,
-        lambda p, ks: any_block(ks, p, "transformer_blocks", "attn.add_q_proj.")
-        and any(k.startswith(p + "context_embedder.token_refiner.") for k in ks),
+        lambda p, ks: (
+            any_block(ks, p, "transformer_blocks", "attn.add_q_proj.")
+            and any(k.startswith(p + "context_embedder.token_refiner.") for k in ks)
+        ),
         DIFFUSERS_PREFIXES,
     )
 

@@ -49,7 +49,12 @@ from .dit_keys import (
 )
 from .flux import FluxModuleMap
 
-TOP_PARTS = ("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2", "img_in", "txt_in")
+TOP_PARTS = (
+    "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+    "img_in",
+    "txt_in",
+)
 # per block, in model order
 BLOCK_PARTS = (
     "img_mod.1",
@@ -122,7 +127,10 @@ class QwenImageStructure:
 def _prefix(keys: list[str]) -> str | None:
     return find_prefix(
         keys,
-        lambda p, ks: any_block(ks, p, "transformer_blocks", "img_mod.1.") and any_block(ks, p, "transformer_blocks", "txt_mod.1."),
+        lambda p, ks: (
+            any_block(ks, p, "transformer_blocks", "img_mod.1.")
+            and any_block(ks, p, "transformer_blocks", "txt_mod.1.")
+        ),
         (*ORIGINAL_PREFIXES[:-1], *DIFFUSERS_KEY_PREFIXES),
     )
 

@@ -69,7 +69,10 @@ CONTEXT_QKV = ("context_block.attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", 
 CONTEXT_ORDER = ("attn.add_k_proj", "attn.add_v_proj", "attn.add_q_proj")
 X2_QKV = ("x_block.attn2.qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v"))
 FF_PARTS = (("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2"))
-FF_CONTEXT_PARTS = (("ff_context.net.0.proj", "context_block.mlp.fc1"), ("ff_context.net.2", "context_block.mlp.fc2"))
+FF_CONTEXT_PARTS = (
+    ("ff_context.net.0.proj", "context_block.mlp.fc1"),
+    ("ff_context.net.2", "context_block.mlp.fc2"),
+)
 NORM_OUT = ("norm_out.linear", "final_layer.adaLN_modulation.1")
 PROJ_OUT = ("proj_out", "final_layer.linear")
 #: modules of the model deliberately not described, with the reason
@@ -114,14 +117,22 @@ class SD3Structure:
         if got[1] == "diffusers":
             pre = "transformer." if any(k.startswith("transformer.transformer_blocks.") for k in ks) else ""
             blocks, prefix = pre + "transformer_blocks.", ""
-            hid_key, mlp_key = pre + "context_embedder.weight", pre + "transformer_blocks.0.ff.net.0.proj.weight"
+            hid_key, mlp_key = (
+                pre + "context_embedder.weight",
+                pre + "transformer_blocks.0.ff.net.0.proj.weight",
+            )
             attn2 = ".attn2."
         else:
             prefix = _original_prefix(ks)
             blocks = prefix + "joint_blocks."
-            hid_key, mlp_key = prefix + "context_embedder.weight", prefix + "joint_blocks.0.x_block.mlp.fc1.weight"
+            hid_key, mlp_key = (
+                prefix + "context_embedder.weight",
+                prefix + "joint_blocks.0.x_block.mlp.fc1.weight",
+            )
             attn2 = ".x_block.attn2."
-        dual = sorted({int(k[len(blocks) :].split(".", 1)[0]) for k in ks if k.startswith(blocks) and attn2 in k})
+        dual = sorted(
+            {int(k[len(blocks) :].split(".", 1)[0]) for k in ks if k.startswith(blocks) and attn2 in k}
+        )
         hidden = rows_of(keys, hid_key) or default.hidden
         mlp = rows_of(keys, mlp_key) or (4 * hidden if hidden != default.hidden else default.mlp_hidden)
         return cls(count_blocks(ks, blocks), hidden, mlp, tuple(dual), prefix)
@@ -135,14 +146,19 @@ class SD3Structure:
             last = i == self.num_layers - 1
             out.append((f"{d}.norm1.linear", f"{o}.x_block.adaLN_modulation.1", None))
             out.append((f"{d}.norm1_context.linear", f"{o}.context_block.adaLN_modulation.1", None))
-            out += [(f"{d}.{c}", f"{o}.{orig}", r) for c, orig, r in fused_rows(X_QKV[0], X_QKV[1], (h, h, h))]
+            out += [
+                (f"{d}.{c}", f"{o}.{orig}", r) for c, orig, r in fused_rows(X_QKV[0], X_QKV[1], (h, h, h))
+            ]
             ctx = {c: (orig, r) for c, orig, r in fused_rows(CONTEXT_QKV[0], CONTEXT_QKV[1], (h, h, h))}
             out += [(f"{d}.{c}", f"{o}.{ctx[c][0]}", ctx[c][1]) for c in CONTEXT_ORDER]
             out.append((f"{d}.attn.to_out.0", f"{o}.x_block.attn.proj", None))
             if not last:
                 out.append((f"{d}.attn.to_add_out", f"{o}.context_block.attn.proj", None))
             if i in self.dual_attention_layers:
-                out += [(f"{d}.{c}", f"{o}.{orig}", r) for c, orig, r in fused_rows(X2_QKV[0], X2_QKV[1], (h, h, h))]
+                out += [
+                    (f"{d}.{c}", f"{o}.{orig}", r)
+                    for c, orig, r in fused_rows(X2_QKV[0], X2_QKV[1], (h, h, h))
+                ]
                 out.append((f"{d}.attn2.to_out.0", f"{o}.x_block.attn2.proj", None))
             out += [(f"{d}.{c}", f"{o}.{orig}", None) for c, orig in FF_PARTS]
             if not last:

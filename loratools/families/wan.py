@@ -73,7 +73,10 @@ IMAGE_EMBED_PARTS: tuple[tuple[str, str], ...] = (
 # per block, in model order
 ATTN_CHILDREN: tuple[tuple[str, str], ...] = (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"))
 ATTENTIONS: tuple[tuple[str, str], ...] = (("attn1", "self_attn"), ("attn2", "cross_attn"))
-IMAGE_ATTN_PARTS: tuple[tuple[str, str], ...] = (("attn2.add_k_proj", "cross_attn.k_img"), ("attn2.add_v_proj", "cross_attn.v_img"))
+IMAGE_ATTN_PARTS: tuple[tuple[str, str], ...] = (
+    ("attn2.add_k_proj", "cross_attn.k_img"),
+    ("attn2.add_v_proj", "cross_attn.v_img"),
+)
 FFN_PARTS: tuple[tuple[str, str], ...] = (("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"))
 PROJ_OUT = ("proj_out", "head.head")
 #: modules of the model deliberately not described, with the reason
@@ -124,10 +127,19 @@ class WanStructure:
         default = WAN_FAMILIES[got[0]].default
         if got[1] == "diffusers":
             pre = _diffusers_prefix(ks) or ""
-            prefix, q, ffn, img = "", pre + "blocks.0.attn1.to_q.weight", pre + "blocks.0.ffn.net.0.proj.weight", ".attn2.add_k_proj."
+            prefix, q, ffn, img = (
+                "",
+                pre + "blocks.0.attn1.to_q.weight",
+                pre + "blocks.0.ffn.net.0.proj.weight",
+                ".attn2.add_k_proj.",
+            )
         else:
             pre = prefix = _original_prefix(ks) or ""
-            q, ffn, img = pre + "blocks.0.self_attn.q.weight", pre + "blocks.0.ffn.0.weight", ".cross_attn.k_img."
+            q, ffn, img = (
+                pre + "blocks.0.self_attn.q.weight",
+                pre + "blocks.0.ffn.0.weight",
+                ".cross_attn.k_img.",
+            )
         hidden = rows_of(keys, q) or default.hidden
         ffn_hidden = rows_of(keys, ffn) or default.ffn_hidden
         in_ch = rows_of(keys, pre + "patch_embedding.weight", 1) or default.in_channels
@@ -161,7 +173,9 @@ def _original_prefix(keys: list[str]) -> str | None:
 def _diffusers_prefix(keys: list[str]) -> str | None:
     return find_prefix(
         keys,
-        lambda p, ks: any_block(ks, p, "blocks", "attn1.to_q.") and any_block(ks, p, "blocks", "ffn.net.0.proj."),
+        lambda p, ks: (
+            any_block(ks, p, "blocks", "attn1.to_q.") and any_block(ks, p, "blocks", "ffn.net.0.proj.")
+        ),
         ("transformer.", "transformer_2.", ""),
     )
 
