@@ -13,8 +13,8 @@ derives its own. Facts, from that converter and ``SD3Transformer2DModel``:
   no MLP (``ff_context``), and its ``adaLN_modulation.1`` is an ``AdaLayerNormContinuous`` in diffusers:
   rows (shift, scale) in MMDiT, (scale, shift) in diffusers, swapped like ``final_layer.adaLN_modulation.1``
   ↔ ``norm_out.linear`` (``row_order``). The other modulations are copied unchanged.
-* not mapped: ``pos_embed.proj`` ↔ ``x_embedder.proj`` (the patch-embedding Conv2d: no trainer adapts it;
-  it is left to the checkpoint as an unadaptable tensor, like the positional embedding).
+* the patch embedding ``pos_embed.proj`` ↔ ``x_embedder.proj`` is a Conv2d (kernel = patch size); it is
+  mapped (sd-scripts adapts it with ``emb_dims``: ``lora_unet_x_embedder_proj``), its weight is 4-D.
 * LoRA names: sd-scripts ``lora_unet_joint_blocks_0_x_block_attn_qkv`` (fused), OneTrainer
   ``lora_transformer_transformer_blocks_0_attn_to_q``, SimpleTuner ``lycoris_…``, diffusers / PEFT
   ``transformer.transformer_blocks.0.attn.to_q``, flash-sd3's ``base_model.model.<diffusers path>``,
@@ -57,6 +57,7 @@ EXTRA_PREFIXES = (PEFT_BASE_PREFIX,)
 
 # diffusers child ↔ MMDiT child, unfused modules of a joint block (context ones absent in the last block)
 TOP_PARTS: tuple[tuple[str, str], ...] = (
+    ("pos_embed.proj", "x_embedder.proj"),
     ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
     ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
     ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
@@ -76,7 +77,7 @@ FF_CONTEXT_PARTS = (
 NORM_OUT = ("norm_out.linear", "final_layer.adaLN_modulation.1")
 PROJ_OUT = ("proj_out", "final_layer.linear")
 #: modules of the model deliberately not described, with the reason
-EXCLUDED = {"pos_embed.proj": "patch-embedding Conv2d (x_embedder.proj): not adapted by any trainer"}
+EXCLUDED: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ class SD3Structure:
         return {NORM_OUT[0]: swap, last: swap} if self.num_layers else {NORM_OUT[0]: swap}
 
     def module_maps(self) -> list[FluxModuleMap]:
-        """Every adaptable module (all Linear layers of ``SD3Transformer2DModel``), in model order."""
+        """Every adaptable module (all Linear layers of ``SD3Transformer2DModel`` and the patch-embedding
+        Conv2d), in model order."""
         return build_maps(self.pairs(), self.prefix, self.row_orders())
 
 
