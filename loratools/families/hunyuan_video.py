@@ -15,7 +15,7 @@ guidance embedder), as diffusers' ``convert_hunyuan_video_transformer_to_diffuse
 * row permutation: ``final_layer.adaLN_modulation.1`` ↔ ``norm_out.linear`` only (shift, scale → scale,
   shift). The block modulations (``img_mod.linear``, ``txt_mod.linear``, ``modulation.linear``) and the
   refiner's ``adaLN_modulation.1`` (gates) are copied unchanged.
-* not mapped: ``img_in.proj`` ↔ ``x_embedder.proj`` (the patch-embedding Conv3d: no trainer adapts it).
+* not mapped: ``img_in.proj`` ↔ ``x_embedder.proj`` (the patch-embedding Conv3d, a 5-D weight).
 * LoRA names: musubi-tuner ``lora_unet_double_blocks_0_img_attn_qkv`` (kohya "original", fused),
   diffusion-pipe / HunyuanVideo ``transformer.double_blocks.0.img_attn_qkv`` and ComfyUI
   ``diffusion_model.double_blocks.0.img_attn_qkv`` (original paths behind ``transformer.`` /
@@ -122,7 +122,10 @@ SINGLE_FUSED = ("linear1", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
 NORM_OUT = ("norm_out.linear", "final_layer.adaLN_modulation.1")
 PROJ_OUT = ("proj_out", "final_layer.linear")
 #: modules of the model deliberately not described, with the reason
-EXCLUDED = {"x_embedder.proj": "patch-embedding Conv3d (img_in.proj): not adapted by any trainer"}
+EXCLUDED = {
+    "x_embedder.proj": "patch-embedding Conv3d img_in.proj (5-D weight, outside ModuleMap's Linear/Conv2d); "
+    "musubi-tuner's LoRA targets the double/single blocks only"
+}
 
 
 @dataclass(frozen=True)

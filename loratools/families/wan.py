@@ -17,8 +17,8 @@ CLIP branch is present, which pipeline component holds it), as diffusers'
   ``ffn.2`` ↔ ``ffn.net.0.proj`` / ``ffn.net.2``, ``time_embedding.{0,2}`` / ``time_projection.1`` /
   ``text_embedding.{0,2}`` ↔ ``condition_embedder.*``, ``img_emb.proj.{1,3}`` ↔
   ``condition_embedder.image_embedder.ff.net.{0.proj,2}``, ``head.head`` ↔ ``proj_out``.
-* not mapped: ``patch_embedding`` (a Conv3d, no trainer adapts it); ``head.modulation`` and the blocks'
-  ``modulation`` are parameters (``scale_shift_table``), not layers.
+* not mapped: ``patch_embedding`` (a Conv3d with a 5-D weight; no LoRA convention read names it);
+  ``head.modulation`` and the blocks' ``modulation`` are parameters (``scale_shift_table``), not layers.
 * LoRA names: musubi-tuner ``lora_unet_blocks_0_self_attn_q`` (kohya "original"), ComfyUI / diffusion-pipe
   / Wan-Video ``diffusion_model.blocks.0.self_attn.q`` (diffusers' ``_convert_non_diffusers_wan_lora_…``
   and ``_convert_musubi_wan_lora_…``), diffusers / PEFT ``transformer.blocks.0.attn1.to_q``, OneTrainer
@@ -80,7 +80,10 @@ IMAGE_ATTN_PARTS: tuple[tuple[str, str], ...] = (
 FFN_PARTS: tuple[tuple[str, str], ...] = (("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"))
 PROJ_OUT = ("proj_out", "head.head")
 #: modules of the model deliberately not described, with the reason
-EXCLUDED = {"patch_embedding": "patch-embedding Conv3d: not adapted by any trainer"}
+EXCLUDED = {
+    "patch_embedding": "patch-embedding Conv3d (5-D weight, outside ModuleMap's Linear/Conv2d); musubi-tuner's "
+    "and diffusers' Wan LoRA names never include it"
+}
 
 
 @dataclass(frozen=True)
