@@ -330,3 +330,140 @@ def test_inspect_coverage(moe, cli, tmp_path):
     assert ex["param_fraction"] == pytest.approx(2 / (2 * 3 * E))
     text = cli.ok("inspect", attn, "--base", base).output
     assert "experts touched" in text and "0 of 8" in text
+
+
+# --------------------------------------------------------------------------- GPT-OSS: [E, in, out], gate/up interleaved
+def gpt_oss():
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(hidden_size=32, intermediate_size=16, num_local_experts=E, num_experts_per_tok=2,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    vocab_size=64, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    return transformers.GptOssForCausalLM(cfg).eval()
+
+
+def test_gpt_oss_interleaved_transposed(cli, tmp_path):
+    """GPT-OSS stores experts [E, in, out] (is_transposed) with gate/up rows alternating; hidden = 2·intermediate makes
+    gate_up_proj square, so nothing can be told from shapes: the order comes from the architecture."""
+    base = tmp_path / "base"
+    gpt_oss().save_pretrained(base)
+    pm = peft.get_peft_model(gpt_oss(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                        target_parameters=TARGETS))
+    randomize_lora(pm, 4)
+    fused = tmp_path / "fused"
+    pm.save_pretrained(fused)
+    cfg = config(fused)
+    assert cfg["auto_mapping"]["base_model_class"] == "GptOssForCausalLM"
+    anonymous = tmp_path / "anonymous"  # the same adapter without the config's architecture hint
+    anonymous.mkdir()
+    del cfg["auto_mapping"]
+    (anonymous / "adapter_config.json").write_text(json.dumps(cfg))
+    (anonymous / "adapter_model.safetensors").write_bytes((fused / "adapter_model.safetensors").read_bytes())
+    guessed = load_adapter(anonymous)
+    assert any("gate rows then up rows" in w for w in guessed.warnings)
+    for ad in (load_adapter(fused), load_adapter(anonymous, base=base)):
+        assert not any("gate rows then up rows" in w for w in ad.warnings)
+        for li in range(2):
+            outer = pm.base_model.model.model.layers[li].mlp.experts
+            gate_up = outer.base_layer.get_delta_weight("default").double()  # [E, H, 2I] as stored
+            down = outer.get_delta_weight("default").double()  # [E, I, H]
+            for e in range(E):
+                m = f"model.layers.{li}.mlp.experts.{e}"
+                torch.testing.assert_close(ad.layers[f"{m}.gate_proj"].delta(torch.float64), gate_up[e].T[0::2],
+                                           rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(ad.layers[f"{m}.up_proj"].delta(torch.float64), gate_up[e].T[1::2],
+                                           rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(ad.layers[f"{m}.down_proj"].delta(torch.float64), down[e].T,
+                                           rtol=1e-6, atol=1e-7)
+    per, back = tmp_path / "per", tmp_path / "back"
+    cli.ok("convert", fused, "--to", "peft", "--expert-layout", "per-expert", "-o", per)
+    cli.ok("convert", per, "--to", "peft", "--expert-layout", "fused", "--base", base, "-o", back)
+    a, b = tensors(fused), tensors(back)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # without --base the per-expert file's config still names GPT-OSS (auto_mapping is kept): same bits
+    cli.ok("convert", per, "--to", "peft", "--expert-layout", "fused", "-o", tmp_path / "back2")
+    c = tensors(tmp_path / "back2")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    # forcing the other order is exact too, and reads back to the same per-expert deltas with fused-concat
+    cli.ok("convert", per, "--to", "peft", "--expert-layout", "fused-concat", "-o", tmp_path / "concat")
+    d = tensors(tmp_path / "concat")
+    key = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"
+    assert not torch.equal(a[key], d[key]) and torch.equal(a[key].reshape(16, 2, -1)[:, 0], d[key][:16])
+
+
+# --------------------------------------------------------------------------- Mixtral: transformers-4 per-expert names
+def mixtral():
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(hidden_size=H, intermediate_size=I_, num_local_experts=E, num_experts_per_tok=2,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     vocab_size=64)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    return model
+
+
+def test_mixtral_v4_per_expert_to_fused_matches_peft_conversion(cli, tmp_path):
+    """A transformers-4 Mixtral expert LoRA (block_sparse_moe.experts.N.w1/w3/w2) written fused loads in PEFT with the
+    logits PEFT's own v4→v5 conversion gives the per-expert file."""
+    from loratools.adapter import Adapter, LoraLayer
+    from loratools.formats import save_adapter
+
+    base = tmp_path / "base"
+    mixtral().save_pretrained(base)
+    gen = torch.Generator().manual_seed(9)
+    layers = {}
+    for li in range(2):
+        layers[f"model.layers.{li}.self_attn.q_proj"] = LoraLayer(down=torch.randn(2, H, generator=gen) * .3,
+                                                                 up=torch.randn(32, 2, generator=gen) * .3, alpha=4.0)
+        for e in range(E):
+            for proj, (o, i) in {"w1": (I_, H), "w3": (I_, H), "w2": (H, I_)}.items():
+                layers[f"model.layers.{li}.block_sparse_moe.experts.{e}.{proj}"] = LoraLayer(
+                    down=torch.randn(2, i, generator=gen) * .3, up=torch.randn(o, 2, generator=gen) * .3, alpha=4.0)
+    per = tmp_path / "per"
+    save_adapter(Adapter(layers=layers, format="peft"), per, "peft")
+    fused = tmp_path / "fused"
+    res = cli.ok("convert", per, "--to", "peft", "--expert-layout", "fused", "--base", base, "-o", fused, "--json")
+    rows = json.loads(res.stdout)["expert_layout"]["parameters"]
+    gu = next(r for r in rows if r["parameter"] == "model.layers.0.mlp.experts.gate_up_proj")
+    assert gu["rank"] == 4 and gu["rank_changed"]  # w1 and w3 have their own downs: stacked, rank 2 + 2
+    assert sorted(config(fused)["target_parameters"])[0] == "model.layers.0.mlp.experts.down_proj"
+    ref = logits(peft.PeftModel.from_pretrained(mixtral(), str(per)).eval())
+    assert (ref - logits(mixtral())).abs().max() > 1e-2
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(mixtral(), str(fused)).eval()), ref, rtol=0, atol=1e-5)
+    cov = json.loads(cli.ok("inspect", per, "--base", base, "--json").stdout)["summary"]["experts"]
+    assert [m["module"] for m in cov["modules"]] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert cov["param_fraction"] == 1.0
+
+
+def test_missing_experts_written_as_zero(moe, cli, tmp_path):
+    """An adapter that touches only some experts, written fused: the others are zero (ΔW unchanged), and said."""
+    from loratools.formats import save_adapter
+
+    base, fused, _ = moe
+    ad = load_adapter(fused, base=base)
+    ad.layers = {n: la for n, la in ad.layers.items() if not (parse(n) and parse(n)[1] in (1, 3))}
+    partial = tmp_path / "partial"
+    ad.provenance["expert_layout"] = "per-expert"
+    save_adapter(ad, partial, "peft")
+    out = tmp_path / "out"
+    doc = json.loads(cli.ok("convert", partial, "--to", "peft", "--expert-layout", "fused", "--base", base, "-o", out,
+                            "--json").stdout)
+    assert any("2 of 4 expert(s) (e.g. 1) have no layers: written as zero" in w for w in doc["warnings"])
+    b = tensors(out)["base_model.model.model.layers.0.mlp.experts.lora_B.weight"]  # down_proj, rank-major columns
+    assert b.reshape(H, 2, E)[:, :, [1, 3]].abs().max() == 0
+    torch.testing.assert_close(peft_logits(out), applied_logits(partial, base), rtol=0, atol=1e-5)
+
+
+def test_fused_refuses_dora(tmp_path):
+    from loratools.adapter import Adapter, LoraLayer
+    from loratools.errors import LoraToolsError
+    from loratools.formats import save_adapter
+    from loratools.formats.experts import set_layout
+
+    layer = LoraLayer(down=torch.ones(1, H), up=torch.ones(I_, 1), magnitude=torch.ones(I_))
+    ad = Adapter(layers={"model.layers.0.mlp.experts.0.gate_proj": layer}, format="peft")
+    set_layout(ad, "fused", "peft")
+    with pytest.raises(LoraToolsError, match="refuses DoRA"):
+        save_adapter(ad, tmp_path / "x", "peft")
+    assert not (tmp_path / "x").exists()

@@ -390,6 +390,7 @@ def _fuse_param(module: str, param: str, experts: dict[int, dict[str, tuple[str,
     per: list[tuple[torch.Tensor, torch.Tensor, float, bool, float | None] | None] = []
     notes: list[str] = []
     stacked: list[int] = []
+    layer_ranks: list[int] = []
     dtype = None
     shapes: dict[str, tuple[int, int]] = {}
     for e in range(n):
@@ -400,6 +401,7 @@ def _fuse_param(module: str, param: str, experts: dict[int, dict[str, tuple[str,
             if la.shape[:2] != shapes[p]:
                 raise LoraToolsError(f"{experts[e][p][0]}: shape {tuple(la.shape)} differs from expert 0's {shapes[p]}")
         per.append(None if not got else got)  # type: ignore[arg-type]
+        layer_ranks.extend(la.rank for la in got.values())
     if param == "gate_up_proj" and len(shapes) == 1:  # one of gate/up never adapted: its rows are zero
         (p, (o, i)), = shapes.items()
         shapes["up_proj" if p == "gate_proj" else "gate_proj"] = (o, i)
@@ -476,7 +478,7 @@ def _fuse_param(module: str, param: str, experts: dict[int, dict[str, tuple[str,
     if any(f[2] != scale for f in present):
         notes.append("experts with another scale (alpha/r) have it folded into their B factor")
     return FusedParam(module=fused_module(module), param=param, lora_a=lora_a, lora_b=lora_b, rank=rank, alpha=alpha,
-                      rslora=rs, num_experts=n, notes=[f"{what}: {x}" for x in notes], source_ranks=ranks)
+                      rslora=rs, num_experts=n, notes=[f"{what}: {x}" for x in notes], source_ranks=layer_ranks)
 
 
 def _rescaled(up: torch.Tensor, scale: float, target: float) -> torch.Tensor:
@@ -607,9 +609,9 @@ def coverage(adapter: Adapter, base=None) -> dict | None:
     """Expert coverage: per experts module, how many experts and what fraction of expert parameters the adapter
     touches. The totals come from ``base`` (a Checkpoint) where given, else from the adapter (its fused source's
     expert count, or the highest expert index: a lower bound). None when neither shows any experts."""
-    groups = expert_groups(adapter.layers)
-    known = _base_experts(base) if base is not None else {}
-    info = adapter.provenance.get("experts") or {}
+    groups = {fused_module(m): g for m, g in expert_groups(adapter.layers).items()}
+    known = {fused_module(m): e for m, e in (_base_experts(base) if base is not None else {}).items()}
+    info = {fused_module(m): e for m, e in (adapter.provenance.get("experts") or {}).items()}
     modules = list(dict.fromkeys([*known, *groups]))
     if not modules:
         return None
