@@ -165,7 +165,10 @@ def test_pattern_round_trip_and_applied_logits(fused_patterns, moe, cli, tmp_pat
     file: it gives every fused parameter the config's r and ignores per-expert rank_pattern entries.)"""
     base = moe[0]
     per, back = tmp_path / "per", tmp_path / "back"
-    cli.ok("convert", fused_patterns, "--to", "peft", "--expert-layout", "per-expert", "-o", per)
+    doc = json.loads(cli.ok("convert", fused_patterns, "--to", "peft", "--expert-layout", "per-expert", "-o", per,
+                            "--json").stdout)
+    assert any("not at the config's r=2" in w for w in doc["warnings"])  # said, since PEFT would refuse it
+    assert any("rsLoRA per-expert gate/up" in w for w in doc["warnings"])
     cli.ok("convert", per, "--to", "peft", "--expert-layout", "fused", "--base", base, "-o", back)
     a, b = tensors(fused_patterns), tensors(back)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -181,6 +184,7 @@ def test_fused_to_per_expert_and_back_bit_exact_same_logits(moe, cli, tmp_path):
     res = cli.ok("convert", fused, "--to", "peft", "--expert-layout", "per-expert", "-o", per, "--json")
     doc = json.loads(res.stdout)
     assert doc["expert_layout"]["layout"] == "per-expert" and doc["expert_layout"]["source_layout"] == "fused"
+    assert doc["warnings"] == []
     cfg = config(per)
     assert cfg.get("target_parameters") is None
     assert "model.layers.0.mlp.experts.3.up_proj" in cfg["target_modules"]
@@ -467,3 +471,22 @@ def test_fused_refuses_dora(tmp_path):
     with pytest.raises(LoraToolsError, match="refuses DoRA"):
         save_adapter(ad, tmp_path / "x", "peft")
     assert not (tmp_path / "x").exists()
+
+
+def test_experts_only_adapter_against_fused_base(moe, cli, tmp_path):
+    """Per-expert layers count as matched against a base that holds its experts as fused 3-D tensors."""
+    base, fused, _ = moe
+    ad = load_adapter(fused)
+    cfg = config(fused)
+    only = tmp_path / "only"
+    only.mkdir()
+    cfg["target_modules"] = []
+    (only / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in tensors(fused).items() if ".experts." in k}, str(only / "adapter_model.safetensors"))
+    doc = json.loads(cli.ok("inspect", only, "--base", base, "--json").stdout)
+    assert doc["summary"]["unmatched"] == [] and doc["summary"]["experts"]["param_fraction"] == 1.0
+    assert not any("match no module" in w for w in doc["summary"]["warnings"])
+    assert len(doc["layers"]) == len([n for n in ad.layers if parse(n)])
+    cli.ok("convert", only, "--to", "peft", "--base", base, "--expert-layout", "per-expert", "-o", tmp_path / "per")

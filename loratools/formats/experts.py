@@ -522,6 +522,31 @@ def fuse(adapter: Adapter) -> tuple[Adapter, list[FusedParam]]:
     return replace(adapter, layers=rest), fused
 
 
+def per_expert_notes(config: dict, layers: dict[str, Layer]) -> list[str]:
+    """What PEFT on transformers ≥ 5 makes of a per-expert PEFT file for a model with fused experts: it fuses the
+    file itself (``peft/utils/transformers_weight_conversion.py``) at the config's one ``r`` / ``lora_alpha`` (gate +
+    up stacked at 2r with 2·lora_alpha), ignoring per-expert ``rank_pattern`` / ``alpha_pattern`` entries."""
+    from loratools.formats.common import alpha_for
+
+    groups = expert_groups(layers)
+    if not groups:
+        return []
+    r = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", r))
+    rs = bool(config.get("use_rslora", False))
+    off = [name for experts in groups.values() for projs in experts.values() for name, la in projs.values()
+           if isinstance(la, LoraLayer) and (la.rank != r or alpha_for(la, rs) != alpha)]
+    notes = []
+    if off:
+        notes.append(f"{len(off)} per-expert layer(s) (e.g. {off[0]}) are not at the config's r={r} / lora_alpha={alpha:g}: "
+                     "PEFT on transformers ≥ 5 fuses per-expert files at that one rank and refuses these (size mismatch); "
+                     "for a model with fused experts write --expert-layout fused")
+    if rs and any("gate_proj" in p or "up_proj" in p for experts in groups.values() for p in experts.values()):
+        notes.append("rsLoRA per-expert gate/up: PEFT on transformers ≥ 5 fuses them at rank 2r with 2·lora_alpha, "
+                     "which under rsLoRA scales them √2 too much; for a model with fused experts write --expert-layout fused")
+    return notes
+
+
 def layout_report(adapter: Adapter) -> dict | None:
     """What writing ``adapter`` does to its experts: the layout, and per fused parameter its rank and why it changed."""
     layout = output_layout(adapter)
@@ -598,6 +623,18 @@ def _base_experts(base) -> dict[str, dict[str, Any]]:
             entry["num_experts"] = max(entry["num_experts"], int(m["expert"]) + 1)
             entry["numel"][ALIASES.get(m["proj"], m["proj"])] = math.prod(shape)
     return out
+
+
+def expert_matcher(base):
+    """``held(name)``: whether a per-expert layer's expert lives in ``base`` (a Checkpoint), as a slice of a fused
+    3-D tensor or as its own weight (the base's module view names neither)."""
+    counts = base_expert_counts(base)
+
+    def held(name: str) -> bool:
+        p = parse(name)
+        return p is not None and p[1] < counts.get(fused_module(p[0]), 0)
+
+    return held
 
 
 def base_expert_counts(base) -> dict[str, int]:

@@ -331,6 +331,8 @@ def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOption
             tensors[stem + ".lora_magnitude_vector"] = cast(layer.magnitude)
     tensors.update(experts.peft_tensors(fused, cast))
     config, generated = build_config(adapter, fused)
+    if not fused:
+        adapter.warnings.extend(experts.per_expert_notes(config, adapter.layers))
     for k, t in adapter.extra_tensors.items():
         tensors[k] = t
     metadata = {**{k: v for k, v in adapter.metadata.items() if k != PEFT_CONFIG_KEY}, "format": "pt"}
