@@ -490,3 +490,16 @@ def test_experts_only_adapter_against_fused_base(moe, cli, tmp_path):
     assert not any("match no module" in w for w in doc["summary"]["warnings"])
     assert len(doc["layers"]) == len([n for n in ad.layers if parse(n)])
     cli.ok("convert", only, "--to", "peft", "--base", base, "--expert-layout", "per-expert", "-o", tmp_path / "per")
+
+
+def test_merge_fused_first_keeps_fused(moe, cli, tmp_path):
+    base, fused, _ = moe
+    per = tmp_path / "per"
+    cli.ok("convert", fused, "--to", "peft", "--expert-layout", "per-expert", "-o", per)
+    out = tmp_path / "m"
+    cli.ok("merge", f"{fused}:1", f"{per}:0.5", "--method", "cat", "-o", out)
+    assert config(out)["target_parameters"]
+    src, got = load_adapter(fused), load_adapter(out)
+    for n, la in src.layers.items():
+        torch.testing.assert_close(got.layers[n].delta(torch.float64), 1.5 * la.delta(torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(peft_logits(out), applied_logits(out, base), rtol=0, atol=1e-5)

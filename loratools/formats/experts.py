@@ -441,7 +441,7 @@ def _fuse_param(module: str, param: str, experts: dict[int, dict[str, tuple[str,
     ranks = [f[0].shape[0] for f in present]
     rank = max(ranks)
     rs = Counter(f[3] for f in present).most_common(1)[0][0]
-    scale = Counter(f[2] for f in present).most_common(1)[0][0]
+    scale = Counter(f[2] for f in present if f[2] != 0).most_common(1)[0][0] if any(f[2] for f in present) else 1.0
     same = {(f[0].shape[0], f[3], f[4]) for f in present}
     if len(same) == 1 and rank == ranks[0] and present[0][4] is not None and present[0][3] == rs:
         alpha = float(present[0][4])  # every expert at the same rank, alpha and rsLoRA: kept as they are
