@@ -254,6 +254,10 @@ def test_bad_fused_rows_one_line_error(moe, cli, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     (bad / "adapter_model.safetensors").write_bytes((fused / "adapter_model.safetensors").read_bytes())
     cli.fails("inspect", bad, match="lora_A (8, 32)")
+    cfg = config(fused)
+    cfg["target_parameters"] = [*TARGETS, "mlp.experts.up_proj"]  # three nested wrappers expected, two stored
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    cli.fails("inspect", bad, match="make 3 nested PEFT wrapper(s), but the file holds 2")
 
 
 # --------------------------------------------------------------------------- resize / merge

@@ -62,6 +62,8 @@ SPLIT = {"gate_up_proj": ("gate_proj", "up_proj"), "gate_proj": ("gate_proj",), 
 FUSED_OF = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 #: gated experts: the projections of one expert
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+#: the prefix of PEFT's saved keys
+PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,6 @@ def take_fused(parts: dict[str, dict[str, torch.Tensor]], config: dict, wfile: P
         )
     return out, {"experts": info, "expert_keys": sorted(read_keys)} if info else {}
 
-
-PEFT_PREFIX = "base_model.model."
 
 
 # --------------------------------------------------------------------------- per-expert grouping
