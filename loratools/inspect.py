@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loratools.checkpoint import Checkpoint
 from loratools.formats import load_adapter
+from loratools.formats.experts import coverage, expert_matcher
 from loratools.stats import adapter_summary, layer_report
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -28,12 +29,14 @@ def inspect_adapter(
     items = list(adapter.layers.items())
     rows = []
     unmatched = []
+    held = expert_matcher(ckpt) if ckpt is not None else None
     for name, layer in (progress(items, len(items)) if progress else items):
         base_norm = None
         if ckpt is not None:
             ref = ckpt.module_ref(name)
             if ref is None:
-                unmatched.append(name)
+                if not held(name):  # an expert slice of a fused 3-D tensor has no module weight of its own here
+                    unmatched.append(name)
             else:
                 w = ckpt.module_weight(name)
                 if tuple(w.shape) != tuple(layer.shape):
@@ -48,4 +51,9 @@ def inspect_adapter(
         summary["unmatched"] = unmatched
         summary["base"] = str(base)
     summary["total_fro_norm"] = math.sqrt(sum(r["fro_norm"] ** 2 for r in rows))
+    summary["experts"] = coverage(adapter, ckpt)
+    if summary["experts"] is not None and summary["experts"]["experts_touched"] == 0:
+        summary["warnings"].append(
+            f"the adapter touches none of the {summary['experts']['experts_total']} routed experts of the base "
+            f"({len(summary['experts']['modules'])} MoE layer(s)): only attention / shared / router modules change")
     return {"format": adapter.format, "source": str(path), "layers": rows, "summary": summary}

@@ -42,6 +42,7 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
+from loratools.formats.experts import merged_provenance
 from loratools.formats.naming import mangle, split_component, split_prefix
 from loratools.linalg import RankRule, factored_norm2, factored_svd, lora_from_svd, truncated_svd
 
@@ -388,7 +389,7 @@ def merge_adapters(
         layers=layers, format=first.format, metadata=dict(first.metadata),
         config={k: v for k, v in first.config.items() if k not in ("use_rslora", "use_dora")},
         extra_tensors=extra, warnings=[w for ad in adapters for w in ad.warnings] + warnings,
-        resolved=all(ad.resolved for ad in adapters), source="merge",
+        resolved=all(ad.resolved for ad in adapters), source="merge", provenance=merged_provenance(adapters),
     )
     return merged, report
 

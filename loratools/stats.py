@@ -105,6 +105,8 @@ def adapter_summary(adapter: Adapter, rows: list[dict]) -> dict:
         if k in ("ss_network_dim", "ss_network_alpha", "ss_network_module", "ss_base_model_version", "ss_output_name")
     }
     cfg = {k: adapter.config[k] for k in ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "target_modules") if k in adapter.config}
+    if adapter.config.get("target_parameters"):  # PEFT LoRA on parameters (fused MoE experts)
+        cfg["target_parameters"] = adapter.config["target_parameters"]
     return {
         "format": adapter.format,
         "layers": len(rows),

@@ -270,6 +270,11 @@ json_option = click.option("--json", "as_json", is_flag=True,
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar or progress lines on stderr.")
 nonfinite_option = click.option("--allow-nonfinite", is_flag=True,
                                 help="Warn about NaN/Inf in weights instead of refusing.")
+expert_layout_option = click.option(
+    "--expert-layout", type=click.Choice(["per-expert", "fused", "fused-concat", "fused-interleaved"]), default=None,
+    help="MoE expert LoRA layout of the output (default: the input's): per-expert 2-D modules (experts.N.gate_proj), or "
+         "fused PEFT target_parameters on the 3-D expert tensors (gate_up_proj in the model's gate/up order; "
+         "fused-concat / fused-interleaved force gate-then-up or GPT-OSS alternating rows). --to peft only for fused.")
 
 
 def rank_rule_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,6 +17,7 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    expert_layout_option,
     family_option,
     fmt,
     force_option,
@@ -55,11 +56,13 @@ from loratools.errors import LoraToolsError
 @nonfinite_option
 @family_option
 @kohya_style_option
+@expert_layout_option
 @quiet_option
 @json_option
 @handle_errors
 def convert_command(adapter, to_format, out, base, in_format, rank, energy, ratio, threshold, max_rank, fold_dora,
-                    dtype, force, kohya_prefix, component, allow_nonfinite, family, kohya_style, quiet, as_json):
+                    dtype, force, kohya_prefix, component, allow_nonfinite, family, kohya_style, expert_layout, quiet,
+                    as_json):
     """Convert ADAPTER (PEFT LoRA/LoHa/LoKr/DoRA, kohya, LyCORIS, diffusers) to plain LoRA in --to format.
 
     Without a rank rule the conversion is exact; with --rank/--energy/--ratio/--threshold each layer is the
@@ -75,6 +78,7 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
         save_adapter,
     )
     from loratools.formats.common import check_output
+    from loratools.formats.experts import layout_report, set_layout
 
     out_path = check_output(out, force, [adapter, base], is_dir=output_is_folder(to_format))
     check_output_name(to_format, out_path)
@@ -88,11 +92,15 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     check_convertible(ad, to_format, fold_dora, ckpt)
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
                                 progress=lambda it, n: progress(it, n, "convert", quiet))
+    set_layout(new, expert_layout, to_format)
+    experts = layout_report(new)
     save_adapter(new, out_path, to_format, force=force, dtype=dt, kohya_prefix=kohya_prefix, component=component,
                  force_component=bool(component), kohya_style=kohya_style, base=ckpt)
     doc = {"input": str(adapter), "input_format": ad.format, "output": str(out_path), "format": to_format,
            "rule": rule.describe() if rule else "exact", "layers": len(new.layers), "params": new.num_params,
            "source_params": ad.num_params, "per_layer": rows, "warnings": new.warnings}
+    if experts is not None:
+        doc["expert_layout"] = experts
     if as_json:
         emit_json(clean_floats(doc))
         return
@@ -105,4 +113,9 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
         click.echo(tabulate(table, headers=["layer", "type", "shape", "src rank", "rank", "action", "energy",
                                             "rel.err", "optimum"], disable_numparse=True))
     click.echo(f"wrote {to_format} adapter with {len(new.layers)} layers ({new.num_params:,} params) to {out_path}")
+    if experts is not None:
+        changed = [p for p in experts["parameters"] if p["rank_changed"]]
+        click.echo(f"experts: {experts['source_layout']} -> {experts['layout']}"
+                   + (f", {len(experts['parameters'])} fused parameter(s), rank changed in {len(changed)} (see warnings)"
+                      if experts["parameters"] else ""))
     echo_warnings(new.warnings)

@@ -86,6 +86,14 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
         lines.append(("extra tensors", f"{len(s['extra_tensors'])} (modules_to_save / saved base layers)"))
     if "unmatched" in s:
         lines.append(("unmatched in base", ", ".join(s["unmatched"]) or "none"))
+    if s.get("experts"):
+        ex = s["experts"]
+        lines.append(("experts touched", f"{ex['experts_touched']} of {ex['experts_total']} in {len(ex['modules'])} MoE "
+                                         f"layer(s), {ex['param_fraction']:.1%} of expert parameters"))
+        for m in ex["modules"]:
+            lines.append((f"  {m['module']}", f"{m['experts_touched']}/{m['experts_total']} experts "
+                                              f"({m['total_from']}), {m['param_fraction']:.1%} of parameters, "
+                                              f"{', '.join(m['projections']) or 'no projection'}"))
     click.echo(tabulate(lines, tablefmt="plain"))
     if plot:
         click.echo(f"plot written to {plot}")

@@ -12,6 +12,7 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    expert_layout_option,
     family_option,
     fmt,
     force_option,
@@ -69,11 +70,12 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 @nonfinite_option
 @family_option
 @kohya_style_option
+@expert_layout_option
 @json_option
 @quiet_option
 @handle_errors
 def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, in_format,
-                  base, dtype, force, allow_nonfinite, family, kohya_style, as_json, quiet):
+                  base, dtype, force, allow_nonfinite, family, kohya_style, expert_layout, as_json, quiet):
     from loratools.checkpoint import Checkpoint
     from loratools.device import resolve_device
     from loratools.formats import (
@@ -105,6 +107,9 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     if not merged.layers:
         raise LoraToolsError("the weighted adapters cancel out: every merged layer is zero, nothing to write")
     fmt_out = out_format or merged.format
+    from loratools.formats.experts import set_layout
+
+    set_layout(merged, expert_layout, fmt_out)
     save_adapter(merged, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style, base=ckpt)
     doc = {"inputs": [{"path": p, "weight": w, "format": ad.format, "layers": len(ad.layers)}
                       for (p, w), (ad, _) in zip(parsed, inputs)],

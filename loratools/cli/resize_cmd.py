@@ -12,6 +12,7 @@ from loratools.cli.common import (
     dtype_option,
     echo_warnings,
     emit_json,
+    expert_layout_option,
     family_option,
     fmt,
     force_option,
@@ -57,12 +58,13 @@ def _size(n: int) -> str:
 @nonfinite_option
 @family_option
 @kohya_style_option
+@expert_layout_option
 @json_option
 @quiet_option
 @handle_errors
 def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_rank, prune_below, prune_relative,
                    include, exclude, to_format, base, in_format, dtype, force, allow_nonfinite, family, kohya_style,
-                   as_json, quiet):
+                   expert_layout, as_json, quiet):
     """Resize ADAPTER exactly in factored space (QR of both factors + small SVD; ΔW is never formed).
 
     Each kept layer becomes the best rank-k approximation of its ΔW (Eckart–Young), stored as
@@ -96,6 +98,9 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
                                  progress=lambda it, n: progress(it, n, "resize", quiet))
     fmt_out = to_format or ad.format
+    from loratools.formats.experts import set_layout
+
+    set_layout(new, expert_layout, fmt_out)
     save_adapter(new, out_path, fmt_out, force=force, dtype=dt, kohya_style=kohya_style, base=base)
     totals = report.totals(adapter_bytes(ad), adapter_bytes(new, dt))
     warnings = list(new.warnings) + report.warnings  # the input's, then the writer's (new.warnings), then resize's

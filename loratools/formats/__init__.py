@@ -9,7 +9,7 @@ import torch
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.formats import comfy, diffusers, gguf, kohya, lycoris, peft
+from loratools.formats import comfy, diffusers, experts, gguf, kohya, lycoris, peft
 from loratools.formats.common import adapter_file, file_keys
 from loratools.formats.naming import adapter_component, check_single_component
 from loratools.formats.resolve import resolve, resolve_names  # noqa: F401  (resolve_names: public API)
@@ -153,6 +153,7 @@ def load_adapter(
     resolve(adapter, ckpt, family)
     if ckpt is not None:
         lycoris.fit_base(adapter, ckpt)
+    experts.settle(adapter, ckpt)
     return adapter
 
 

@@ -20,6 +20,7 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
+from loratools.formats import experts
 from loratools.formats.common import (
     GENERATED_KEY,
     PEFT_CONFIG_KEY,
@@ -153,7 +154,13 @@ def read(path: Path) -> Adapter:
     rslora = bool(config.get("use_rslora", False))
     adapter = Adapter(layers={}, format="peft", metadata=metadata, config=config, extra_tensors=extra, source=str(path),
                       config_generated=generated)
+    fused, expert_info = experts.take_fused(parts, config, wfile, adapter.warnings)  # target_parameters wrappers
+    if expert_info:
+        adapter.provenance.update(expert_info, expert_layout="fused")
     for mod, p in parts.items():
+        if mod in fused:
+            adapter.layers.update(fused[mod])
+            continue
         emb = "emb_A" in p or "emb_B" in p
         a_key, b_key = ("emb_A", "emb_B") if emb else ("lora_A", "lora_B")
         if a_key not in p or b_key not in p:
@@ -223,12 +230,15 @@ def _read_lycoris_type(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return Adapter(layers=layers, format="peft", metadata=metadata, config=config, extra_tensors=extra, source=str(path))
 
 
-def _describes(config: dict, adapter: Adapter, rslora: bool) -> bool:
-    """Whether an existing config already gives every layer its rank, alpha and targeting."""
+def _describes(config: dict, adapter: Adapter, rslora: bool, fused: list[experts.FusedParam]) -> bool:
+    """Whether an existing config already gives every layer (and fused expert parameter) its rank, alpha and
+    targeting."""
     r = int(config.get("r", 8))
     alpha = float(config.get("lora_alpha", r))
     rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     if bool(config.get("use_rslora", False)) != rslora:
+        return False
+    if not experts.describes(config, fused, adapter.provenance.get("expert_keys")):
         return False
     for name, layer in adapter.layers.items():
         rk, ak = pattern_key(rp, name), pattern_key(ap, name)
@@ -241,19 +251,21 @@ def _describes(config: dict, adapter: Adapter, rslora: bool) -> bool:
     return True
 
 
-def build_config(adapter: Adapter) -> tuple[dict, bool]:
-    """The adapter_config.json for ``adapter``, and whether it was generated (vs. kept from PEFT)."""
+def build_config(adapter: Adapter, fused: list[experts.FusedParam] | None = None) -> tuple[dict, bool]:
+    """The adapter_config.json for ``adapter`` (and its ``fused`` expert parameters, see formats/experts.py), and
+    whether it was generated (vs. kept from PEFT)."""
     layers = adapter.layers
-    rs = Counter(layer.rslora for layer in layers.values()).most_common(1)[0][0]
+    fused = fused or []
+    rs = Counter([layer.rslora for layer in layers.values()] + [fp.rslora for fp in fused]).most_common(1)[0][0]
     dora = [layer.magnitude is not None for layer in layers.values()]
     if any(dora) and not all(dora):
         raise LoraToolsError("PEFT cannot hold DoRA and plain LoRA layers in one adapter (use_dora is global)")
     source = dict(adapter.config) if adapter.config.get("peft_type") else {}
-    if source and _describes(source, adapter, rs) and bool(source.get("use_dora", False)) == any(dora):
+    if source and _describes(source, adapter, rs, fused) and bool(source.get("use_dora", False)) == any(dora):
         return source, adapter.config_generated
     config = {**_DEFAULT_CONFIG, **{k: v for k, v in source.items() if k not in ("rank_pattern", "alpha_pattern")}}
-    ranks = {n: layer.rank for n, layer in layers.items()}
-    alphas = {n: alpha_for(layer, rs) for n, layer in layers.items()}
+    ranks = {n: layer.rank for n, layer in layers.items()} | {fp.key: fp.rank for fp in fused}
+    alphas = {n: alpha_for(layer, rs) for n, layer in layers.items()} | {fp.key: alpha_for(fp, rs) for fp in fused}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config.update(
@@ -270,6 +282,8 @@ def build_config(adapter: Adapter) -> tuple[dict, bool]:
                       base_model_name_or_path=adapter.provenance.get("base_model"))
     if not (source and all(_targets(source, n) for n in layers)):
         config["target_modules"] = sorted(layers)
+    if fused or config.get("target_parameters"):
+        config.update(experts.target_parameter_config(fused, config.get("target_modules")))
     if adapter.extra_tensors and not source and not config.get("modules_to_save"):
         # full tensors from a non-PEFT source (kohya / diffusers file, extract --save-full): PEFT restores them
         # into the modules named here
@@ -296,15 +310,16 @@ def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOption
     dtype = options.dtype
     check_resolved(adapter)
     adapter = one_model(adapter)
+    adapter, fused = experts.fuse(adapter)  # per-expert layers written as PEFT target_parameters, if so laid out
     if options.force_component and options.component:
         adapter.warnings.append(f"--component {options.component} has no effect on PEFT output (PEFT keys carry no "
                                 "pipeline component)")
     tensors: dict[str, torch.Tensor] = {}
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None else t
+
     for name, layer in adapter.layers.items():
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.to(dtype) if dtype is not None else t
-
         stem = "base_model.model." + name
         if layer.embedding:
             tensors[stem + ".lora_embedding_A"] = cast(layer.up.T)
@@ -314,7 +329,10 @@ def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOption
             tensors[stem + ".lora_B.weight"] = cast(layer.up)
         if layer.magnitude is not None:
             tensors[stem + ".lora_magnitude_vector"] = cast(layer.magnitude)
-    config, generated = build_config(adapter)
+    tensors.update(experts.peft_tensors(fused, cast))
+    config, generated = build_config(adapter, fused)
+    if not fused:
+        adapter.warnings.extend(experts.per_expert_notes(config, adapter.layers))
     for k, t in adapter.extra_tensors.items():
         tensors[k] = t
     metadata = {**{k: v for k, v in adapter.metadata.items() if k != PEFT_CONFIG_KEY}, "format": "pt"}

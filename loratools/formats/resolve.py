@@ -22,6 +22,7 @@ from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.families import FAMILIES, detect_adapter, naming_for
+from loratools.formats.experts import expert_matcher
 from loratools.formats.naming import KOHYA_PREFIXES, mangle, split_component, split_prefix
 
 AUTO = "auto"
@@ -171,12 +172,13 @@ def resolve_names(adapter: Adapter, base: Checkpoint) -> list[str]:
         by_mangled.setdefault(mangle(split_component(m)[1]), []).append(m)
         by_mangled.setdefault(mangle(m), []).append(m)
     named_components = any(split_component(m)[0] for m in refs)
+    held = expert_matcher(base)  # per-expert layers of a base with fused 3-D experts
     unmatched: list[str] = []
     renamed: dict = {}
     for name, layer in adapter.layers.items():
         stem = layer.meta.get("kohya_stem")
         if stem is None or stem != name:
-            if base.module_ref(name) is None:
+            if base.module_ref(name) is None and not held(name):
                 unmatched.append(name)
             _put(renamed, name, layer, name)
             continue
