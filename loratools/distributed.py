@@ -240,6 +240,7 @@ def parallel_map(
     feed: Callable[[list[T]], Iterable[Any]] | None = None,
     progress: Callable[[Iterable, int], Iterable] | None = None,
     files_of: Callable[[Any], Sequence[str]] | None = None,
+    serial: bool = False,
 ) -> list[R]:
     """``[work(u) for u in units]``, split across the ranks of the world (see the module doc).
 
@@ -248,12 +249,13 @@ def parallel_map(
     units themselves. ``progress`` wraps rank 0's share. Results must be picklable (torch tensors included).
     """
     w, run = world(), current()
-    done: dict[int, Any] = run.journal.load(names) if run.journal is not None else {}
+    journal = None if serial else run.journal
+    done: dict[int, Any] = journal.load(names) if journal is not None else {}
     if w.size > 1:  # every rank read the journal before any writes to it; units all of them saw are done
         agreed = set.intersection(*(set(d) for d in w.all_gather(sorted(done))))
         done = {i: r for i, r in done.items() if i in agreed}
     todo = [i for i in range(len(units)) if i not in done]
-    owner = balance([costs[i] for i in todo], w.size)
+    owner = [0] * len(todo) if serial else balance([costs[i] for i in todo], w.size)
     mine = [i for i, o in zip(todo, owner) if o == w.rank]
     results: dict[int, Any] = {}
     t0 = time.perf_counter()
@@ -265,8 +267,8 @@ def parallel_map(
         for i, item in zip(mine, items):
             _fail_hook(w, names[i])
             results[i] = work(item)
-            if run.journal is not None:
-                run.journal.commit(i, names[i], results[i], files_of(results[i]) if files_of else ())
+            if journal is not None:
+                journal.commit(i, names[i], results[i], files_of(results[i]) if files_of else ())
             _pause_hook(w, len(results))
     except Exception as exc:
         if w.size == 1:

@@ -779,29 +779,32 @@ def spectrum(
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     rows, vectors = [], []
-    ordered = read_pairs(pairs, bstream, tstream)
-    for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
+
+    def work(item: tuple[TensorPair, torch.Tensor, torch.Tensor]) -> list[tuple[str, dict]]:
+        pair, w_base, w_tuned = item
         reason = rounding_only(w_base, w_tuned)
         if reason:
-            skipped += [u.describe(reason=reason) for u in pair.units()]
-            continue
+            return [("skipped", u.describe(reason=reason)) for u in pair.units()]
         whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
-        del w_tuned
+        outs = []
         for unit in pair.units():
             diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, dev)
-            if unit.kind in ("vector", "other"):
-                if total > 0:
-                    vectors.append({"name": unit.key, "shape": list(unit.shape),
-                                    "relative_norm": math.sqrt(total) / base_norm if base_norm else None})
-                else:
-                    skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
-                continue
-            if total == 0:
-                skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
-                continue
-            s, is_exact = layer_spectrum_of_diff(diff.reshape(unit.shape[0], -1), top, exact, exact_below, seed, total)
-            rows.append(_spectrum_row(unit, s.double(), total, base_norm, is_exact))
-        del whole_diff, w_base
+            if unit.kind in ("vector", "other") and total > 0:
+                outs.append(("vector", {"name": unit.key, "shape": list(unit.shape),
+                                        "relative_norm": math.sqrt(total) / base_norm if base_norm else None}))
+            elif total == 0:
+                outs.append(("skipped", unit.describe(reason="unchanged (ΔW = 0)")))
+            else:
+                s, is_exact = layer_spectrum_of_diff(diff.reshape(unit.shape[0], -1), top, exact, exact_below, seed,
+                                                     total)
+                outs.append(("layer", _spectrum_row(unit, s.double(), total, base_norm, is_exact)))
+        return outs
+
+    rule = RankRule("rank", top)
+    for outs in parallel_map(pairs, work, [pair_cost(p, rule) for p in pairs], [p.key for p in pairs],
+                             feed=lambda mine: read_pairs(mine, bstream, tstream), progress=progress):
+        for what, row in outs:
+            {"skipped": skipped, "vector": vectors, "layer": rows}[what].append(row)
     return {
         "base": str(bck.path), "tuned": str(tck.path), "layers": rows, "skipped": skipped,
         "changed_vectors": vectors, "table_ranks": list(TABLE_RANKS),
