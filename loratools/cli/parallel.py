@@ -35,7 +35,7 @@ def fingerprint(ctx: click.Context, out_param: str | None) -> str:
         for p in _paths(v):
             files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
             inputs += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    doc = {"command": ctx.command_path, "params": params, "inputs": inputs}
+    doc = {"command": ctx.command.name, "params": params, "inputs": inputs}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
