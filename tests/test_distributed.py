@@ -262,3 +262,13 @@ def test_failing_rank_leaves_no_output(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "rank 1: test hook LORATOOLS_TEST_FAIL_RANK: rank 1 failed on" in errors[0], errors
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temp, no journal
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (DEVELOPERS.md: GPU checks)")
+def test_cuda_ranks_byte_identical(tmp_path):
+    """``--device cuda``: each rank on ``cuda:LOCAL_RANK`` (shared round-robin when there are fewer GPUs)."""
+    args = ("extract", "--base", str(BASE), "--tuned", str(TUNED), "--rank", "8", "--device", "cuda", "--quiet")
+    ok(single(*args, "-o", str(tmp_path / "one")))
+    doc = json.loads(ok(torchrun(2, *args, "-o", str(tmp_path / "two"), "--json")).stdout)
+    same_tree(tmp_path / "one", tmp_path / "two")
+    assert doc["summary"]["device"].startswith("cuda")
