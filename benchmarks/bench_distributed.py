@@ -40,9 +40,10 @@ from bench_extract import FULL, write_pair  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_extract(base: Path, tuned: str, out: Path, nproc: int, rank: int, device: str) -> tuple[float, dict]:
+def run_extract(base: Path, tuned: str, out: Path, nproc: int, rank: int, device: str,
+                threads: int | None = None) -> tuple[float, dict]:
     cores = os.cpu_count() or 1
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(max(1, cores // nproc)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads or max(1, cores // nproc)))
     args = ["-m", "loratools", "extract", "--base", str(base), "--tuned", str(tuned), "-o", str(out), "--rank",
             str(rank), "--device", device, "--json", "--quiet", "--force"]
     launch = ([] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)])
@@ -61,17 +62,21 @@ def scaling(args: argparse.Namespace) -> None:
     print(f"pair: {args.blocks} Llama-7B block(s), {size / 1e9:.2f} GB on disk; rank {args.rank}; "
           f"device {args.device}; {os.cpu_count()} cores; torch {torch.__version__}"
           + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
-    print(f"{'procs':>5} {'wall s':>8} {'speed-up':>8}  per rank (layers, s)  same bytes")
+    print(f"{'procs':>5} {'threads':>7} {'wall s':>8} {'speed-up':>8}  per rank (layers, s)  same bytes as first")
     ref = None
     t1 = None
-    for p in [int(x) for x in args.nproc.split(",")]:
-        out = root / f"out-{p}"
-        wall, doc = run_extract(base, tuned, out, p, args.rank, args.device)
+    runs = [(int(x), None) for x in args.nproc.split(",")]
+    if args.device == "cpu" and (os.cpu_count() or 1) > 1:
+        runs.append((1, 1))  # control: one process with one thread, the threads each rank of the widest run gets
+    for p, threads in runs:
+        out = root / f"out-{p}-{threads}"
+        wall, doc = run_extract(base, tuned, out, p, args.rank, args.device, threads)
         data = (out / "adapter_model.safetensors").read_bytes()
         ref = ref if ref is not None else data
         t1 = t1 or wall
         shares = ", ".join(f"{r['layers']}/{r['seconds']:.1f}" for r in doc["distributed"]["per_rank"])
-        print(f"{p:>5} {wall:>8.1f} {t1 / wall:>8.2f}  {shares:<20}  {data == ref}", flush=True)
+        used = threads or max(1, (os.cpu_count() or 1) // p)
+        print(f"{p:>5} {used:>7} {wall:>8.1f} {t1 / wall:>8.2f}  {shares:<20}  {data == ref}", flush=True)
 
 
 def gram_check(args: argparse.Namespace) -> None:
