@@ -272,3 +272,24 @@ def test_cuda_ranks_byte_identical(tmp_path):
     doc = json.loads(ok(torchrun(2, *args, "-o", str(tmp_path / "two"), "--json")).stdout)
     same_tree(tmp_path / "one", tmp_path / "two")
     assert doc["summary"]["device"].startswith("cuda")
+
+
+def test_bake_killed_then_resume_keeps_finished_shards(tmp_path, reference):
+    """bake journals its finished shards (digested): a resumed run bakes only the others, same bytes."""
+    base = _sharded_base(tmp_path / "sharded")
+    ok(single("bake", f"{reference}:0.5", "--base", str(base), "-o", str(tmp_path / "ref"), "--quiet"))
+    out, log = tmp_path / "baked", tmp_path / "run.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "loratools", "bake", f"{reference}:0.5", "--base", str(base),
+                                 "-o", str(out), "--quiet"], env=_env(LORATOOLS_TEST_PAUSE_AFTER="2"), cwd=ROOT,
+                                stdout=fh, stderr=subprocess.STDOUT, text=True)
+        _wait_paused(proc, log, 1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    journal = Path(str(out) + ".loratools-journal")
+    assert len(list((journal / "files").glob("*.safetensors"))) == 2 and not out.exists()
+    doc = json.loads(ok(single("bake", f"{reference}:0.5", "--base", str(base), "-o", str(out), "--resume",
+                               "--json", "--quiet")).stdout)
+    assert doc["distributed"]["per_rank"][0]["layers"] == 1
+    same_tree(tmp_path / "ref", out)
+    assert not journal.exists()
