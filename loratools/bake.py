@@ -21,8 +21,10 @@ weight where that library puts it (``w = 1`` reproduces either library exactly):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -30,6 +32,8 @@ import torch
 from loratools import dora
 from loratools.adapter import Adapter, Layer
 from loratools.checkpoint import Checkpoint, ModuleRef, is_safetensors
+from loratools.device import resolve_device
+from loratools.distributed import current, parallel_map, world
 from loratools.errors import LoraToolsError
 from loratools.formats import load_adapter
 from loratools.formats.common import atomic_path, check_output, save_safetensors
@@ -84,11 +88,11 @@ def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float, ModuleRef
 
 def apply_layer(current: torch.Tensor, layer: Layer, w: float) -> torch.Tensor:
     """One module's weight with ``w``·ΔW of ``layer`` applied (DoRA: the source library's formula)."""
-    left, right = layer.factors(current.dtype)
+    left, right = (f.to(current.device) for f in layer.factors(current.dtype))
     delta = (left @ right.T).reshape(current.shape)
     if layer.magnitude is None:
         return current + w * delta
-    axis, mag = layer.magnitude_axis, layer.magnitude.to(current.dtype).reshape(-1)
+    axis, mag = layer.magnitude_axis, layer.magnitude.to(current.device, current.dtype).reshape(-1)
     if dora.convention(layer) == dora.LYCORIS:
         v = current + delta
         s = w * (mag / (dora.norms(v, axis) + dora.layer_eps(layer)) - 1) + 1
@@ -107,8 +111,10 @@ def bake(
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
     family: str | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder)."""
+    """Write ``base + Σ wᵢ ΔWᵢ`` to ``out`` (file for a single-file base, folder for an HF folder); ``device``: where
+    the touched tensors are updated. Under torchrun each rank bakes its share of the weight files (by bytes)."""
     base_path = Path(base)
     # names an existing output folder may hold to be replaced with --force (a pipeline's: its subfolders too)
     known = sorted(e.relative_to(base_path).as_posix() for e in base_path.rglob("*")) if base_path.is_dir() else []
@@ -126,21 +132,31 @@ def bake(
     sizes: dict[Path, int] = {}  # weight file → bytes written
     tensors_written = 0
     left_out: list[str] = []
-    with atomic_path(out, force, is_dir=is_dir, known_names=known) as tmp:
-        files = list(ckpt.files)
-        for f in (progress(files, len(files)) if progress else files):
+    dev = resolve_device(device)
+    w = world()
+    files = list(ckpt.files)
+    with ExitStack() as stack:
+        # rank 0 owns the temporary output; every rank writes the shards it was given (into the journal, to survive
+        # a kill, when there is one), rank 0 moves them in and writes the index
+        tmp = w.from_main(lambda: stack.enter_context(atomic_path(out, force, is_dir=is_dir, known_names=known)))
+        journal = current().journal
+        scratch = journal.files if journal is not None else None
+
+        def bake_file(f: Path) -> dict:
+            rel = f.relative_to(ckpt.path) if is_dir else Path(f.name)
+            dest = (scratch or tmp) / rel if (is_dir or scratch is not None) else tmp
             meta = ckpt.file_metadata(f)
             tensors: dict[str, torch.Tensor] = {}
+            done = {"rel": rel.as_posix(), "size": 0, "modified": 0, "tensors": 0}
             for key, stored in ckpt.file_keys(f):
                 t = ckpt.read_stored(f, stored)
                 target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
                 if key in plan:
-                    t = apply_layers(t, plan[key])
-                    modified += 1
+                    t = apply_layers(t.to(dev), plan[key]).cpu()
+                    done["modified"] += 1
                 tensors[stored] = t.to(target)
-                sizes[f] = sizes.get(f, 0) + tensors[stored].numel() * tensors[stored].element_size()
-                tensors_written += 1
-            dest = tmp / f.relative_to(ckpt.path) if is_dir else tmp
+                done["size"] += tensors[stored].numel() * tensors[stored].element_size()
+                done["tensors"] += 1
             dest.parent.mkdir(parents=True, exist_ok=True)
             if is_safetensors(f):
                 save_safetensors(tensors, dest, meta)
@@ -151,7 +167,20 @@ def bake(
                     raise LoraToolsError(f"{out}: cannot write: {str(exc).splitlines()[0]}; nothing was written") from None
             del tensors
             ckpt.release(f)
-        if is_dir:
+            return done
+
+        results = parallel_map(files, bake_file, [float(f.stat().st_size) for f in files],
+                               [f.relative_to(ckpt.path).as_posix() if is_dir else f.name for f in files],
+                               progress=progress, files_of=lambda r: [r["rel"]] if scratch is not None else [])
+        for f, r in zip(files, results):
+            sizes[f] = r["size"]
+            modified += r["modified"]
+            tensors_written += r["tensors"]
+            if scratch is not None and w.is_main:
+                dest = tmp / r["rel"] if is_dir else tmp
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(scratch / r["rel"], dest)
+        if is_dir and w.is_main:
             left_out = _copy_folder_files(ckpt, tmp, sizes, dtype)
     warnings = [w for ad, _ in loaded for w in ad.warnings]
     if left_out:

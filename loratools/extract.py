@@ -53,6 +53,7 @@ import torch
 from loratools.adapter import Adapter, LoraLayer
 from loratools.checkpoint import DTYPES, Checkpoint, ModuleRef, is_safetensors
 from loratools.device import resolve_device
+from loratools.distributed import parallel_map
 from loratools.errors import LoraToolsError
 from loratools.linalg import RankRule, frobenius_sq, krylov_fits, lora_from_svd, randomized_svd, truncated_svd
 from loratools.stats import spectrum_stats
@@ -538,6 +539,60 @@ def _param_name(unit: TensorPair) -> str:
     return f"{unit.module}.{unit.key.rsplit('.', 1)[-1]}"
 
 
+def pair_cost(pair: TensorPair, rule: RankRule) -> float:
+    """Work of a pair for balancing ranks: m·n·k for a matrix (k: the rule's rank, or a first sketch's), else its size."""
+    k = int(rule.value) if rule.kind == "rank" else 32
+    return float(math.prod(pair.shape)) * (k if len(pair.shape) > 1 else 1)
+
+
+def _extract_pair(
+    pair: TensorPair, w_base: torch.Tensor, w_tuned: torch.Tensor, bstream: TensorStream, tstream: TensorStream,
+    device: torch.device, opt: ExtractOptions,
+) -> list[tuple[str, TensorPair, dict | None, object]]:
+    """One pair's outcome per module: ``(what, unit, row, value)`` with ``what`` = ``skipped`` (row: why),
+    ``vector`` (row: a changed 1-D tensor or None; value: the tensor saved in full or None) or ``layer`` (row: the
+    report row with its tied-weight ``fingerprint``; value: the LoRA layer). A pure function of the pair's data, so
+    any rank may compute it."""
+    key = pair.key
+    t_layer = time.perf_counter()
+    reason = rounding_only(w_base, w_tuned)
+    if reason:
+        return [("skipped", u, u.describe(reason=reason), None) for u in pair.units()]
+    whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
+    del w_tuned
+    out_dtype = opt.dtype or tstream.ckpt.dtype(key)
+    outs: list[tuple[str, TensorPair, dict | None, object]] = []
+    for unit in pair.units():
+        diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device)
+        rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
+        if total == 0:
+            outs.append(("skipped", unit, unit.describe(reason="unchanged (ΔW = 0)"), None))
+            continue
+        if rel < opt.min_diff:
+            outs.append(("skipped", unit, unit.describe(reason=f"below --min-diff (‖ΔW‖/‖W‖ = {rel:.3g})"), None))
+            continue
+        full = bool(opt.save_full) and matches(unit.module, key, opt.save_full)
+        if unit.kind in ("vector", "other") or full:
+            row = ({"name": key, "shape": list(unit.shape), "relative_norm": rel, "saved": full}
+                   if unit.kind in ("vector", "other") else None)
+            value = None
+            if full:
+                value = tstream.read(key)
+                value = (unit.ref.take(value) if unit.ref is not None else value).to(out_dtype).contiguous()
+            outs.append(("vector", unit, row, value))
+            continue
+        rule = opt.conv_rule if unit.kind == "conv" and opt.conv_rule is not None else opt.rule
+        row, layer = _extract_layer(diff, unit, rule, total, base_norm, out_dtype, opt)
+        del diff
+        if layer is None:
+            outs.append(("skipped", unit, unit.describe(reason=row["reason"]), None))
+            continue
+        row["time_s"] = time.perf_counter() - t_layer
+        row["fingerprint"] = (unit.shape, total, base_norm)
+        outs.append(("layer", unit, row, layer))
+    return outs
+
+
 def extract(
     base: str | Path | Checkpoint,
     tuned: str | Path | Checkpoint,
@@ -562,59 +617,34 @@ def extract(
     full_modules: set[str] = set()
     seen: dict[tuple, str] = {}  # fingerprint of (shape, ‖ΔW‖², ‖W‖) → first key, for tied weights
     by_key: dict[str, LoraLayer] = {}
-    ordered = read_pairs(pairs, bstream, tstream)
-    for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
+    outcomes = parallel_map(pairs, lambda item: _extract_pair(*item, bstream, tstream, device, opt),
+                            [pair_cost(p, opt.rule) for p in pairs], [p.key for p in pairs],
+                            feed=lambda mine: read_pairs(mine, bstream, tstream), progress=progress)
+    for pair, outs in zip(pairs, outcomes):  # in the pairs' order, whichever rank computed them
         key = pair.key
-        t_layer = time.perf_counter()
-        reason = rounding_only(w_base, w_tuned)
-        if reason:
-            skipped += [u.describe(reason=reason) for u in pair.units()]
-            continue
-        whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
-        del w_tuned
-        out_dtype = opt.dtype or tck.dtype(key)
-        for unit in pair.units():
-            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device)
-            rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
-            if total == 0:
-                skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
-                continue
-            if rel < opt.min_diff:
-                skipped.append(unit.describe(reason=f"below --min-diff (‖ΔW‖/‖W‖ = {rel:.3g})"))
-                continue
-            full = bool(opt.save_full) and matches(unit.module, key, opt.save_full)
-            if unit.kind in ("vector", "other") or full:
-                if unit.kind in ("vector", "other"):
-                    vectors.append({"name": key, "shape": list(unit.shape), "relative_norm": rel, "saved": full})
-                if full:
-                    value = tstream.read(key)
-                    value = unit.ref.take(value) if unit.ref is not None else value
-                    extra[f"base_model.model.{_param_name(unit)}"] = value.to(out_dtype).contiguous()
+        for what, unit, row, value in outs:
+            fp = row.pop("fingerprint") if what == "layer" else None
+            if what == "skipped":
+                skipped.append(row)
+            elif what == "vector":
+                if row is not None:
+                    vectors.append(row)
+                if value is not None:
+                    extra[f"base_model.model.{_param_name(unit)}"] = value
                     full_modules.add(unit.module)
-                continue
-            fp = (unit.shape, total, base_norm)
-            if unit.whole and fp in seen and torch.equal(w_base, bstream.read(seen[fp])) and torch.equal(
-                    tstream.read(key), tstream.read(seen[fp])):
+            elif unit.whole and fp in seen and torch.equal(
+                    bstream.read(key), bstream.read(seen[fp])) and torch.equal(tstream.read(key), tstream.read(seen[fp])):
                 first = by_key[seen[fp]]
-                layer = LoraLayer(down=first.down, up=first.up, alpha=first.alpha, embedding=unit.kind == "embedding")
-                layers[unit.module] = layer
+                layers[unit.module] = LoraLayer(down=first.down, up=first.up, alpha=first.alpha,
+                                                embedding=unit.kind == "embedding")
                 first_row = next(r for r in rows if r["key"] == seen[fp])
-                row = dict(first_row, name=unit.module, key=key, kind=unit.kind, tied_to=first_row["name"])
+                rows.append(dict(first_row, name=unit.module, key=key, kind=unit.kind, tied_to=first_row["name"]))
+            else:
+                if unit.whole:
+                    seen[fp] = key
+                    by_key[key] = value
+                layers[unit.module] = value
                 rows.append(row)
-                continue
-            rule = opt.conv_rule if unit.kind == "conv" and opt.conv_rule is not None else opt.rule
-            row, layer = _extract_layer(diff, unit, rule, total, base_norm, out_dtype, opt)
-            del diff
-            if layer is None:
-                skipped.append(unit.describe(reason=row["reason"]))
-                continue
-            row["time_s"] = time.perf_counter() - t_layer
-            if unit.whole:
-                seen[fp] = key
-                by_key[key] = layer
-            layers[unit.module] = layer
-            rows.append(row)
-        del whole_diff, w_base
     if not layers and not extra:
         raise LoraToolsError(
             f"nothing to extract: every paired tensor was skipped ({len(skipped)} skipped, e.g. "
@@ -749,29 +779,32 @@ def spectrum(
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
     bstream, tstream = TensorStream(bck), TensorStream(tck)
     rows, vectors = [], []
-    ordered = read_pairs(pairs, bstream, tstream)
-    for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
+
+    def work(item: tuple[TensorPair, torch.Tensor, torch.Tensor]) -> list[tuple[str, dict]]:
+        pair, w_base, w_tuned = item
         reason = rounding_only(w_base, w_tuned)
         if reason:
-            skipped += [u.describe(reason=reason) for u in pair.units()]
-            continue
+            return [("skipped", u.describe(reason=reason)) for u in pair.units()]
         whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
-        del w_tuned
+        outs = []
         for unit in pair.units():
             diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, dev)
-            if unit.kind in ("vector", "other"):
-                if total > 0:
-                    vectors.append({"name": unit.key, "shape": list(unit.shape),
-                                    "relative_norm": math.sqrt(total) / base_norm if base_norm else None})
-                else:
-                    skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
-                continue
-            if total == 0:
-                skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
-                continue
-            s, is_exact = layer_spectrum_of_diff(diff.reshape(unit.shape[0], -1), top, exact, exact_below, seed, total)
-            rows.append(_spectrum_row(unit, s.double(), total, base_norm, is_exact))
-        del whole_diff, w_base
+            if unit.kind in ("vector", "other") and total > 0:
+                outs.append(("vector", {"name": unit.key, "shape": list(unit.shape),
+                                        "relative_norm": math.sqrt(total) / base_norm if base_norm else None}))
+            elif total == 0:
+                outs.append(("skipped", unit.describe(reason="unchanged (ΔW = 0)")))
+            else:
+                s, is_exact = layer_spectrum_of_diff(diff.reshape(unit.shape[0], -1), top, exact, exact_below, seed,
+                                                     total)
+                outs.append(("layer", _spectrum_row(unit, s.double(), total, base_norm, is_exact)))
+        return outs
+
+    rule = RankRule("rank", top)
+    for outs in parallel_map(pairs, work, [pair_cost(p, rule) for p in pairs], [p.key for p in pairs],
+                             feed=lambda mine: read_pairs(mine, bstream, tstream), progress=progress):
+        for what, row in outs:
+            {"skipped": skipped, "vector": vectors, "layer": rows}[what].append(row)
     return {
         "base": str(bck.path), "tuned": str(tck.path), "layers": rows, "skipped": skipped,
         "changed_vectors": vectors, "table_ranks": list(TABLE_RANKS),

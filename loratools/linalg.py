@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -188,6 +189,7 @@ def randomized_svd(
     tol: float = 0.0,
     total_energy: float | None = None,
     info: dict | None = None,
+    gram: torch.dtype | None = None,
 ) -> Svd:
     """Randomized truncated SVD by block Krylov iteration (Halko, Martinsson & Tropp 2011 §4.5;
     Musco & Musco 2015), seeded and deterministic.
@@ -220,8 +222,12 @@ def randomized_svd(
         tol: convergence tolerance on the squared error (see above); 0 = fixed ``n_iter``.
         total_energy: ‖A‖_F² if the caller has it (computed here when ``tol > 0`` and it is missing).
         info: if given, receives ``power_iters``, the number of power iterations run.
+        gram: precision of the small Gram matrices (orthonormalization, Rayleigh–Ritz); default
+            :func:`gram_dtype` (float64 on CPU; float32 with a reorthogonalization pass on CUDA, where float64
+            runs at 1/32–1/64 of the float32 rate on consumer GPUs).
     """
     m, n = matrix.shape
+    g = gram or gram_dtype(matrix.device)
     rank = min(rank, m, n)
     if info is not None:
         info["power_iters"] = 0
@@ -238,14 +244,14 @@ def randomized_svd(
     total = frobenius_sq(a) if tol > 0 and total_energy is None else total_energy
     y = a @ omega
     basis = a.new_empty(m, 0)
-    zs = a.new_empty(n, 0, dtype=torch.float64)  # Kᵀ A, transposed, in float64 for the Gram
-    gram = torch.empty(0, 0, dtype=torch.float64, device=a.device)
+    zs = a.new_empty(n, 0, dtype=g)  # Kᵀ A, transposed, in the Gram's precision
+    gram = torch.empty(0, 0, dtype=g, device=a.device)
     captured = None
     for i in range(n_iter + 1):
-        q = _orthonormal_against(y, basis, gen)
+        q = _orthonormal_against(y, basis, gen, g)
         basis = torch.cat([basis, q], 1)
         z = a.T @ q
-        z64 = z.double()
+        z64 = z.to(g)
         cross = zs.T @ z64
         gram = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, z64.T @ z64], 1)], 0)
         zs = torch.cat([zs, z64], 1)
@@ -256,7 +262,7 @@ def randomized_svd(
             if captured is not None and now - captured <= tol * max(total - now, 0.0):
                 break
             captured = now
-        y = a @ _orthonormal(z)
+        y = a @ _orthonormal(z, g)
     if info is not None:
         info["power_iters"] = i
     # Rayleigh–Ritz on K: the top-``rank`` eigenvectors P of BBᵀ, then the exact SVD of the rank × n matrix PᵀB
@@ -273,12 +279,28 @@ def krylov_fits(m: int, n: int, rank: int, oversample: int = 10, n_iter: int = 4
     return min(m, n) // (2 * width) >= min(n_iter, 2) + 1
 
 
-def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+def gram_dtype(device: torch.device) -> torch.dtype:
+    """Precision of the randomized SVD's small Grams: float64 on CPU (as exact, and cheap there); float32 on CUDA.
+
+    float32 Grams square the condition number in float32, so they are used with Cholesky–QR *twice*
+    (CholeskyQR2: the second pass restores orthogonality to working precision) and a Householder QR wherever a
+    block is too ill-conditioned for it. Measured (``benchmarks/bench_distributed.py --gram``): the rank-k error
+    stays within 1.0001× of float64's, far inside the 1.005× of the optimum kept by the tests.
+    ``LORATOOLS_GRAM_DTYPE=float32|float64`` overrides the choice."""
+    name = os.environ.get("LORATOOLS_GRAM_DTYPE")
+    if name in ("float32", "float64"):
+        return getattr(torch, name)
+    return torch.float32 if device.type == "cuda" else torch.float64
+
+
+def _orthonormal(x: torch.Tensor, gram: torch.dtype = torch.float64) -> torch.Tensor:
     """Orthonormal basis of the columns of a tall ``x``: Cholesky–QR (:func:`_cholesky_qr`), Householder QR when
     ``x`` is too ill-conditioned for it. Used where only the span's conditioning matters (the next power step);
     see :func:`_orthonormal_against`."""
-    x64 = x.double()
+    x64 = x.to(gram)
     q = _cholesky_qr(x64, x64.T @ x64)
+    if q is not None and gram != torch.float64:  # CholeskyQR2: a second pass restores orthogonality
+        q = _cholesky_qr(q, q.T @ q)
     return torch.linalg.qr(x)[0] if q is None else q.to(x.dtype)
 
 
@@ -288,12 +310,14 @@ def _cholesky_qr(x64: torch.Tensor, gram: torch.Tensor, min_sq: float = 0.0) -> 
     column's remaining squared length (a diagonal of R, squared) is ≤ ``min_sq``."""
     r, bad = torch.linalg.cholesky_ex(gram, upper=True)
     d = r.diagonal()
-    if int(bad) or not x64.shape[1] or float(d.min()) <= float(d.max()) * 1e-5 or float(d.min()) ** 2 <= min_sq:
+    worst = 1e-5 if gram.dtype == torch.float64 else 3e-3  # condition² must stay well inside 1/eps
+    if int(bad) or not x64.shape[1] or float(d.min()) <= float(d.max()) * worst or float(d.min()) ** 2 <= min_sq:
         return None
     return torch.linalg.solve_triangular(r, x64, upper=True, left=False)
 
 
-def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor, gen: torch.Generator,
+                         gram: torch.dtype = torch.float64) -> torch.Tensor:
     """``y.shape[1]`` orthonormal columns, orthogonal to ``basis``, spanning ``y`` with ``basis`` projected out.
 
     Two rounds of project-then-orthonormalize (twice is enough). Directions of ``y`` that lie in ``basis``'s span
@@ -308,30 +332,32 @@ def _orthonormal_against(y: torch.Tensor, basis: torch.Tensor, gen: torch.Genera
     for threshold in (0.0, 0.25):
         if basis.shape[1]:
             y = y - basis @ (basis.T @ y)
-        y = _orthonormal_kept(y, threshold)
+        y = _orthonormal_kept(y, threshold, gram)
     missing = width - y.shape[1]
     if missing:
         fill = torch.randn(basis.shape[0], missing, generator=gen, dtype=y.dtype).to(y.device)
         done = torch.cat([basis, y], 1)
         for _ in range(2):
-            fill = _orthonormal(fill - done @ (done.T @ fill))
+            fill = _orthonormal(fill - done @ (done.T @ fill), gram)
         y = torch.cat([y, fill], 1)
     return y
 
 
-def _orthonormal_kept(x: torch.Tensor, threshold: float) -> torch.Tensor:
+def _orthonormal_kept(x: torch.Tensor, threshold: float, gram: torch.dtype = torch.float64) -> torch.Tensor:
     """Orthonormal basis of the directions of ``x`` whose squared length exceeds ``threshold`` (Cholesky–QR on
     the float64 Gram when ``x`` is well conditioned and above it, else its eigendecomposition)."""
     if not x.shape[1]:
         return x
-    x64 = x.double()
-    gram = x64.T @ x64
-    q = _cholesky_qr(x64, gram, threshold)
+    x64 = x.to(gram)
+    g = x64.T @ x64
+    q = _cholesky_qr(x64, g, threshold)
     if q is not None:
-        return q.to(x.dtype)
-    lam, vecs = torch.linalg.eigh(gram)
-    keep = lam > max(threshold, float(lam.max().clamp_min(0)) * 1e-14)  # float64 eigh resolves ~1e-16·λmax
-    return (x64 @ (vecs[:, keep] / lam[keep].sqrt())).to(x.dtype)
+        return (q if gram == torch.float64 else _orthonormal(q, gram)).to(x.dtype)
+    lam, vecs = torch.linalg.eigh(g)
+    # float64 eigh resolves ~1e-16·λmax, float32 ~1e-7·λmax
+    keep = lam > max(threshold, float(lam.max().clamp_min(0)) * (1e-14 if gram == torch.float64 else 1e-5))
+    q = x64 @ (vecs[:, keep] / lam[keep].sqrt())
+    return (q if gram == torch.float64 else _orthonormal(q, gram)).to(x.dtype)
 
 
 def frobenius_sq(matrix: torch.Tensor, chunk: int = 1 << 16) -> float:
@@ -456,6 +482,7 @@ def truncated_svd(
     exact_below: int = 256,
     total_energy: float | None = None,
     info: dict | None = None,
+    gram: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Truncated SVD of a dense matrix under a rank rule; returns ``(U, S, Vh, ‖A‖_F²)``.
 
@@ -489,7 +516,7 @@ def truncated_svd(
                     info["power_iters"] = 0  # an earlier, smaller sketch may have set it
                 break
             u, s, vh = randomized_svd(a, k, oversample=oversample, n_iter=n_iter, seed=seed, tol=tol, total_energy=total,
-                                     info=info)
+                                     info=info, gram=gram)
             if rule.kind == "rank" or k >= cap or rule.satisfied_by(s, total, cap):
                 break
             k = min(2 * k, cap)

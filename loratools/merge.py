@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
+from loratools.distributed import parallel_map
 from loratools.errors import LoraToolsError
 from loratools.formats.experts import merged_provenance
 from loratools.formats.naming import mangle, split_component, split_prefix
@@ -332,49 +333,57 @@ def merge_adapters(
     order = _module_order(adapters, module_order)
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed) if base_method.startswith("dare") else None
-    work = torch.float64 if any(la.dtype == torch.float64 for ad in adapters for la in ad.layers.values()) else torch.float32
+    work_dtype = torch.float64 if any(la.dtype == torch.float64 for ad in adapters for la in ad.layers.values()) else torch.float32
     if gen is not None and peft_rng:
         injected = [next(ad.layers[n] for ad in adapters if n in ad.layers) for n in order]
         peft_rank = sum(ranks) if method == "cat" else ranks[0] if method in AB_METHODS else int(new_rank or 0)
         replay_peft_injection(injected, peft_rank, gen, adapters[0].config.get("init_lora_weights", True))
 
     report = MergeReport(method=method, exact=method in EXACT_METHODS, rank=new_rank, device=str(dev), warnings=warnings)
-    layers: dict[str, Layer] = {}
-    cancelled: list[str] = []
-    for name in (progress(order, len(order)) if progress else order):
+
+    def merge_one(name: str) -> tuple[LoraLayer | None, LayerMerge | None]:
         present = [(ad.layers[name], w) for ad, w in zip(adapters, weights) if name in ad.layers]
         like = present[0][0]
         out_dtype = like.dtype
-        targets = [_weighted_factors(layer, w, work, dev) for layer, w in present]
+        targets = [_weighted_factors(layer, w, work_dtype, dev) for layer, w in present]
         t_left = torch.cat([t[0] for t in targets], 1)
         t_right = torch.cat([t[1] for t in targets], 1)
         spectrum = None
         scale_ref = sum(math.sqrt(factored_norm2(t[0], t[1])) for t in targets)
         if method in EXACT_METHODS and math.sqrt(factored_norm2(t_left, t_right)) <= 1e-6 * scale_ref:
-            cancelled.append(name)  # Σ wᵢΔWᵢ = 0 up to rounding: writing float noise as a layer helps nobody
-            continue
+            return None, None  # Σ wᵢΔWᵢ = 0 up to rounding: writing float noise as a layer helps nobody
         if method in EXACT_METHODS:
             new, spectrum = _merge_exact(t_left, t_right, like, out_dtype,
                                          None if method == "cat" and rank is None else new_rank)
         elif method in AB_METHODS:
-            new = _merge_ab(base_method, present, like, density, majority_sign, gen, work, dev, out_dtype)
+            new = _merge_ab(base_method, present, like, density, majority_sign, gen, work_dtype, dev, out_dtype)
             if rank is not None and rank < new.rank:
-                new, _ = _merge_exact(*_weighted_factors(new, 1.0, work, dev), like, out_dtype, rank)
+                new, _ = _merge_exact(*_weighted_factors(new, 1.0, work_dtype, dev), like, out_dtype, rank)
         else:
-            new = _merge_dense(base_method, present, like, density, majority_sign, gen, work, dev, out_dtype,
+            new = _merge_dense(base_method, present, like, density, majority_sign, gen, work_dtype, dev, out_dtype,
                                new_rank, seed, exact_svd)
         if new is None:
-            cancelled.append(name)
-            continue
+            return None, None
         new = _finish(new, like)
         if spectrum is not None:  # exact methods: the error is the discarded part of the exact spectrum
             target, err = spectrum
         else:
-            n_left, n_right = _weighted_factors(new, 1.0, work, dev)
+            n_left, n_right = _weighted_factors(new, 1.0, work_dtype, dev)
             target = factored_norm2(t_left, t_right)
             err = factored_norm2(torch.cat([n_left, -t_left], 1), torch.cat([n_right, t_right], 1))
-        report.layers.append(LayerMerge(name, len(present), new.rank, math.sqrt(target),
-                                        math.sqrt(err / target) if target > 0 else 0.0))
+        return new, LayerMerge(name, len(present), new.rank, math.sqrt(target),
+                               math.sqrt(err / target) if target > 0 else 0.0)
+
+    layers: dict[str, Layer] = {}
+    cancelled: list[str] = []
+    # DARE's Bernoulli draws come from one generator, in module order: such a merge runs on rank 0, start to end
+    costs = [float(sum(math.prod(ad.layers[n].shape) * ad.layers[n].rank for ad in adapters if n in ad.layers))
+             for n in order]
+    for name, (new, row) in zip(order, parallel_map(order, merge_one, costs, order, progress=progress, serial=gen is not None)):
+        if new is None:
+            cancelled.append(name)
+            continue
+        report.layers.append(row)
         layers[name] = new
     if cancelled:
         warnings.append(f"{len(cancelled)} layer(s) cancel out to a zero delta and were left out (e.g. {cancelled[0]})")

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
+from loratools.distributed import parallel_map
 from loratools.errors import LoraToolsError
 from loratools.layers import exact_svd
 from loratools.linalg import RankRule, factored_norm2, lora_from_svd
@@ -154,20 +155,17 @@ def resize_adapter(
     if prune is not None:
         threshold = prune.value * (max(norms.values(), default=0.0) if prune.relative else 1.0)
 
-    layers: dict[str, Layer] = {}
-    dora_resized = []
-    for name, layer in (progress(items, len(items)) if progress else items):
+    def work(item: tuple[str, Layer]) -> tuple[LayerResize, Layer | None, str | None]:
+        name, layer = item
         params = layer.num_params
         base = dict(name=name, kind=layer.kind + ("+dora" if layer.magnitude is not None else ""),
                     shape=list(layer.shape), old_rank=layer.rank, params_before=params)
         if name not in selected:
-            report.layers.append(LayerResize(**base, new_rank=0, fro_norm=0.0, retained_energy=0.0,
-                                             relative_error=1.0, action="excluded", params_after=0))
-            continue
+            return LayerResize(**base, new_rank=0, fro_norm=0.0, retained_energy=0.0, relative_error=1.0,
+                               action="excluded", params_after=0), None, None
         if threshold is not None and norms[name] < threshold:
-            report.layers.append(LayerResize(**base, new_rank=0, fro_norm=norms[name], retained_energy=0.0,
-                                             relative_error=1.0, action="pruned", params_after=0))
-            continue
+            return LayerResize(**base, new_rank=0, fro_norm=norms[name], retained_energy=0.0, relative_error=1.0,
+                               action="pruned", params_after=0), None, None
         u, s, vh = layer_svd(layer)
         r = conv_rule if (conv_rule is not None and layer.is_conv) else rule
         energy = s.double().square()
@@ -175,25 +173,30 @@ def resize_adapter(
         norm = math.sqrt(total)
         k = layer.rank if r is None else r.choose(s, total, complete=True)
         if r is not None and k == 0:
-            report.layers.append(LayerResize(**base, new_rank=0, fro_norm=norm, retained_energy=0.0,
-                                             relative_error=1.0 if total > 0 else 0.0, action="pruned",
-                                             params_after=0))
-            report.warnings.append(f"{name}: the rank rule keeps no singular value; layer dropped")
-            continue
+            return LayerResize(**base, new_rank=0, fro_norm=norm, retained_energy=0.0,
+                               relative_error=1.0 if total > 0 else 0.0, action="pruned", params_after=0), None, \
+                f"{name}: the rank rule keeps no singular value; layer dropped"
         if r is None or (k >= layer.rank and isinstance(layer, LoraLayer)):
-            layers[name] = layer
-            report.layers.append(LayerResize(**base, new_rank=layer.rank, fro_norm=norm, retained_energy=1.0,
-                                             relative_error=0.0, action="kept", params_after=params))
-            continue
+            return LayerResize(**base, new_rank=layer.rank, fro_norm=norm, retained_energy=1.0, relative_error=0.0,
+                               action="kept", params_after=params), layer, None
         new = truncate_layer(layer, u, s, vh, k)
         lost = float(energy[k:].sum())
-        layers[name] = new
-        if layer.magnitude is not None:
-            dora_resized.append(name)
-        report.layers.append(LayerResize(
-            **base, new_rank=k, fro_norm=norm, retained_energy=(total - lost) / total if total > 0 else 1.0,
-            relative_error=math.sqrt(lost / total) if total > 0 else 0.0, action="resized",
-            params_after=new.num_params))
+        return LayerResize(**base, new_rank=k, fro_norm=norm, retained_energy=(total - lost) / total if total > 0 else 1.0,
+                           relative_error=math.sqrt(lost / total) if total > 0 else 0.0, action="resized",
+                           params_after=new.num_params), new, None
+
+    layers: dict[str, Layer] = {}
+    dora_resized = []
+    costs = [float(math.prod(la.shape) * la.rank) if n in selected else 0.0 for n, la in items]
+    for (name, layer), (row, new, warning) in zip(items, parallel_map(items, work, costs, [n for n, _ in items],
+                                                                      progress=progress)):
+        report.layers.append(row)
+        if warning:
+            report.warnings.append(warning)
+        if new is not None:
+            layers[name] = new
+            if row.action == "resized" and layer.magnitude is not None:
+                dora_resized.append(name)
     if not layers:
         raise LoraToolsError(f"{adapter.source}: nothing left to write (every layer was pruned or excluded)")
     if dora_resized:

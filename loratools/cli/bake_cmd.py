@@ -18,6 +18,7 @@ from loratools.cli.common import (
     progress,
     quiet_option,
 )
+from loratools.cli.parallel import data_parallel, distributed_report, worker_done
 
 
 @main.command("bake")
@@ -31,8 +32,11 @@ from loratools.cli.common import (
 @quiet_option
 @nonfinite_option
 @family_option
+@click.option("--device", default="cpu", show_default=True,
+              help="auto, cpu or cuda: where the touched tensors are updated (under torchrun: each rank's own GPU).")
 @handle_errors
-def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite, family):
+@data_parallel("out")
+def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite, family, device):
     """Write BASE + Σ wᵢ·ΔWᵢ as a full checkpoint (same files, keys, dtype; configs copied).
 
     Adapters apply in the order given, like PEFT's merge_and_unload; DoRA layers use their source
@@ -44,9 +48,12 @@ def bake_command(specs, base, out, dtype, force, as_json, quiet, allow_nonfinite
 
     parsed = [parse_weighted_spec(s) for s in specs]
     doc = bake(base, parsed, out, dtype=parse_dtype(dtype), force=force,
-               progress=lambda it, n: progress(it, n, "bake", quiet, unit="files"), allow_nonfinite=allow_nonfinite, family=family)
+               progress=lambda it, n: progress(it, n, "bake", quiet, unit="files"), allow_nonfinite=allow_nonfinite, family=family,
+               device=device)
+    if worker_done():
+        return
     if as_json:
-        emit_json(doc)
+        emit_json({**doc, "distributed": distributed_report()})
         return
     click.echo(f"baked {len(parsed)} adapter(s) ({doc['layers']} layers) into {doc['modified']} of {doc['tensors']} "
                f"tensors in {doc['files']} file(s); dtype {doc['dtype']}; wrote {doc['output']}")

@@ -198,6 +198,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LoraToolsError as exc:
             if debug:
                 raise
+            if getattr(exc, "quiet", False):  # another torchrun rank's failure: rank 0 reports it
+                sys.exit(1)
             fail(str(exc).replace("\n", " "), 1, as_json)
         except OSError as exc:
             if debug:

@@ -28,6 +28,7 @@ from loratools.cli.common import (
     rank_rule_options,
     skipped_table,
 )
+from loratools.cli.parallel import data_parallel, distributed_report, worker_done
 
 DEFAULT_RANK = 16
 
@@ -73,6 +74,7 @@ def checkpoint_options(fn):
 @force_option
 @quiet_option
 @handle_errors
+@data_parallel("out")
 def extract_command(base, tuned, include, exclude, device, seed, out, rank, energy, ratio, threshold, max_rank,
                     conv_rank, out_format, dtype, exact, power_iters, power_tol, clamp_quantile, save_full, min_diff,
                     family, kohya_style, as_json, force, quiet):
@@ -100,6 +102,8 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
         format=out_format, power_iters=power_iters, power_tol=power_tol,
     )
     result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet))
+    if worker_done():
+        return
     save_adapter(result.adapter, out_path, out_format, force=force, kohya_style=kohya_style, base=base)
     s = result.summary
     s["output"] = str(out_path)
@@ -107,7 +111,7 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     if as_json:
         emit_json(clean_floats({"layers": result.layers, "skipped": result.skipped,
                                 "changed_vectors": result.changed_vectors, "summary": s,
-                                "warnings": result.adapter.warnings}))
+                                "warnings": result.adapter.warnings, "distributed": distributed_report()}))
         return
     rows = [[r["name"], r["kind"], "×".join(map(str, r["shape"])), r["rank"], f"{r['retained_energy']:.4f}",
              fmt(r["relative_error"], 3), fmt(r["relative_norm"], 3)] for r in result.layers]

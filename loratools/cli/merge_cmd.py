@@ -26,6 +26,7 @@ from loratools.cli.common import (
     progress,
     quiet_option,
 )
+from loratools.cli.parallel import data_parallel, distributed_report, worker_done
 from loratools.errors import LoraToolsError
 
 HELP = """Merge weighted adapters A[:W] B[:W] ... into one LoRA (PEFT add_weighted_adapter semantics).
@@ -74,6 +75,7 @@ be mixed; names are matched by their mangled form, or resolved against --base.
 @json_option
 @quiet_option
 @handle_errors
+@data_parallel("out")
 def merge_command(specs, out, method, rank, density, majority_sign, seed, device, exact_svd, out_format, in_format,
                   base, dtype, force, allow_nonfinite, family, kohya_style, expert_layout, as_json, quiet):
     from loratools.checkpoint import Checkpoint
@@ -104,6 +106,8 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
         exact_svd=exact_svd, labels=[p for p, _ in parsed],
         progress=lambda it, n: progress(it, n, "merge", quiet),
     )
+    if worker_done():
+        return
     if not merged.layers:
         raise LoraToolsError("the weighted adapters cancel out: every merged layer is zero, nothing to write")
     fmt_out = out_format or merged.format
@@ -119,7 +123,7 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
         layer = merged.layers.get(row["name"])
         row.setdefault("shape", list(layer.shape) if layer is not None else None)
     if as_json:
-        emit_json(clean_floats(doc))
+        emit_json(clean_floats({**doc, "distributed": distributed_report()}))
         return
     rows = [[r.name, r.inputs, r.rank, fmt(r.fro_norm), fmt(r.relative_error, 3)] for r in report.layers]
     click.echo(tabulate(rows, headers=["layer", "inputs", "rank", "‖Σ wᵢΔWᵢ‖F", "rel. error"], disable_numparse=True))

@@ -29,6 +29,7 @@ from loratools.cli.common import (
     quiet_option,
     rank_rule_options,
 )
+from loratools.cli.parallel import data_parallel, distributed_report, worker_done
 from loratools.errors import LoraToolsError
 
 
@@ -62,6 +63,7 @@ def _size(n: int) -> str:
 @json_option
 @quiet_option
 @handle_errors
+@data_parallel("out")
 def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_rank, prune_below, prune_relative,
                    include, exclude, to_format, base, in_format, dtype, force, allow_nonfinite, family, kohya_style,
                    expert_layout, as_json, quiet):
@@ -97,6 +99,8 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     check_output_name(to_format or ad.format, out_path)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
                                  progress=lambda it, n: progress(it, n, "resize", quiet))
+    if worker_done():
+        return
     fmt_out = to_format or ad.format
     from loratools.formats.experts import set_layout
 
@@ -108,7 +112,7 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
         doc = {"input": str(adapter), "output": str(out_path), "format": fmt_out, **report.as_dict(), "totals": totals,
                "warnings": warnings}
         canonical_fields(doc["layers"], {"kind": "source_type", "old_rank": "source_rank", "new_rank": "rank"})
-        emit_json(clean_floats(doc))
+        emit_json(clean_floats({**doc, "distributed": distributed_report()}))
         return
     rows = [[r.name, r.kind, "×".join(map(str, r.shape)), f"{r.old_rank} -> {r.new_rank}", fmt(r.fro_norm),
              fmt(r.retained_energy, 6), fmt(r.relative_error, 4), r.action] for r in report.layers]

@@ -18,6 +18,7 @@ from loratools.cli.common import (
     skipped_table,
 )
 from loratools.cli.extract_cmd import checkpoint_options
+from loratools.cli.parallel import data_parallel, distributed_report, worker_done
 
 
 @main.command("spectrum")
@@ -32,6 +33,7 @@ from loratools.cli.extract_cmd import checkpoint_options
 @quiet_option
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @handle_errors
+@data_parallel(None)
 def spectrum_command(base, tuned, include, exclude, device, seed, family, as_json, plot, top, exact, exact_below, quiet,
                      force):
     """Per-layer spectrum of ΔW = TUNED − BASE, without writing an adapter.
@@ -50,6 +52,8 @@ def spectrum_command(base, tuned, include, exclude, device, seed, family, as_jso
     check_family(base, family)
     report = spectrum(base, tuned, include=include, exclude=exclude, top=top, exact=exact, exact_below=exact_below,
                       device=device, seed=seed, progress=lambda it, n: progress(it, n, "spectrum", quiet))
+    if worker_done():
+        return
     if plot:
         from loratools.plot import plot_spectra
 
@@ -59,7 +63,7 @@ def spectrum_command(base, tuned, include, exclude, device, seed, family, as_jso
     if as_json:
         for r in report["layers"]:
             canonical_fields(r["rank_table"].values(), {"energy": "retained_energy"})
-        emit_json(clean_floats(report))
+        emit_json(clean_floats({**report, "distributed": distributed_report()}))
         return
     layers = report["layers"]
     ranks = report["table_ranks"]
