@@ -117,6 +117,12 @@ def bake(
         raise LoraToolsError(f"{out}: a folder base ({base_path}) bakes into a folder, but -o ends in "
                              f"{Path(out).suffix!r}; name the output folder without a weight-file suffix")
     ckpt = Checkpoint(base)
+    quant = ckpt.quant
+    if quant.scales and dtype is None:
+        first = next(iter(quant.scales))
+        raise LoraToolsError(
+            f"{base}: scaled-fp8 checkpoint ({len(quant.scales)} fp8 weights with scales, e.g. {first}): bake writes "
+            "them dequantized, never fp8 with a stale scale; pass --dtype bf16 (or fp16 / fp32)")
     loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), float(w))
               for p, w in adapters]
     labels = [str(p) for p, _ in adapters]
@@ -126,13 +132,19 @@ def bake(
     sizes: dict[Path, int] = {}  # weight file → bytes written
     tensors_written = 0
     left_out: list[str] = []
+    dropped: set[tuple[Path, str]] = set()  # (file, stored key) of the scales / markers of a dequantized base
     with atomic_path(out, force, is_dir=is_dir, known_names=known) as tmp:
         files = list(ckpt.files)
         for f in (progress(files, len(files)) if progress else files):
             meta = ckpt.file_metadata(f)
+            if quant.scales:  # dequantized: the scales, markers and quantization configs go
+                meta.pop("_quantization_metadata", None)
             tensors: dict[str, torch.Tensor] = {}
             for key, stored in ckpt.file_keys(f):
-                t = ckpt.read_stored(f, stored)
+                if quant.scales and quant.reason(key):
+                    dropped.add((f, stored))
+                    continue
+                t = quant.dequantize(key, ckpt.read_stored(f, stored), ckpt.get)
                 target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
                 if key in plan:
                     t = apply_layers(t, plan[key])
@@ -152,7 +164,7 @@ def bake(
             del tensors
             ckpt.release(f)
         if is_dir:
-            left_out = _copy_folder_files(ckpt, tmp, sizes, dtype)
+            left_out = _copy_folder_files(ckpt, tmp, sizes, dtype, dropped)
     warnings = [w for ad, _ in loaded for w in ad.warnings]
     if left_out:
         warnings.append(f"left out {len(left_out)} weight file(s) of the base that bake does not read: "
@@ -176,8 +188,11 @@ def _folder_files(ckpt: Checkpoint) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(ckpt.path).parts[:-1]))
 
 
-def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtype: torch.dtype | None) -> list[str]:
-    """Copy the non-weight files; rewrite the shard indexes and (with --dtype) each config.json's dtype.
+def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtype: torch.dtype | None,
+                       dropped: set[tuple[Path, str]] = frozenset()) -> list[str]:
+    """Copy the non-weight files; rewrite the shard indexes and (with --dtype) each config.json's dtype. A
+    dequantized fp8 base (``dropped``: the (file, key) of its scales and markers) loses those keys from the
+    indexes and its ``quantization_config``.
 
     Weight files bake did not read (a ``pytorch_model.bin`` next to the ``model.safetensors`` it baked,
     other frameworks' weights, their indexes) are not copied: they would hold the un-baked weights.
@@ -197,6 +212,7 @@ def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtyp
         dest.parent.mkdir(parents=True, exist_ok=True)
         if src in indexes:
             index = json.loads(src.read_text())
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if (src.parent / v, k) not in dropped}
             shards = {src.parent / name for name in index["weight_map"].values()}
             index.setdefault("metadata", {})["total_size"] = sum(sizes.get(f, 0) for f in shards)
             dest.write_text(json.dumps(index, indent=2) + "\n")
@@ -205,6 +221,8 @@ def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtyp
             for key in ("torch_dtype", "dtype"):
                 if key in cfg:
                     cfg[key] = DTYPE_NAMES.get(dtype, cfg[key])
+            if dropped:
+                cfg.pop("quantization_config", None)
             dest.write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copy2(src, dest)
