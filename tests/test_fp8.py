@@ -281,3 +281,41 @@ def test_block_size_from_compressed_tensors_config(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     ck = Checkpoint(path)
     assert rel(ck.get("a.q_proj.weight"), refs["a.q_proj.weight"]) <= 1e-7
+
+
+def test_block_scales_in_ue8m0_and_pickles_and_prefixed_marker(tmp_path):
+    """Block scales stored as float8_e8m0fnu powers of two (DeepSeek ``scale_fmt: ue8m0``); the same tensors in a
+    ``.pt`` pickle; a ComfyUI file under ``model.diffusion_model.`` with its marker there."""
+    w = weights()["a.q_proj.weight"]
+    s = torch.exp2(torch.ceil(torch.log2(torch.tensor([[w[:128, :128].abs().max(), w[:128, 128:].abs().max()]] * 3)
+                                         / fp8_max(E4M3)))).float()
+    q = (w / expand_block(s, (300, 192), 128, 128)).clamp(-448, 448).to(E4M3)
+    ref = q.double() * expand_block(s, (300, 192), 128, 128)
+    sd = {"a.q_proj.weight": q, "a.q_proj.weight_scale_inv": s.to(torch.float8_e8m0fnu)}
+    save_file(sd, tmp_path / "ue8m0.safetensors")
+    torch.save(sd, tmp_path / "ue8m0.pt")
+    for name in ("ue8m0.safetensors", "ue8m0.pt"):
+        ck = Checkpoint(tmp_path / name)
+        assert ck.dtype("a.q_proj.weight_scale_inv") == torch.float8_e8m0fnu
+        assert rel(ck.get("a.q_proj.weight"), ref) <= 1e-7
+        assert rel(TensorStream(ck).read("a.q_proj.weight"), ref) <= 1e-7
+        assert list(ck.module_refs()) == ["a.q_proj"]
+    prefixed, refs = write_fp8(tmp_path, "comfy", weights(), "comfy")
+    stored = {f"model.diffusion_model.{k}": v for k, v in load_file(prefixed).items()}
+    save_file(stored, tmp_path / "prefixed.safetensors")
+    ck = Checkpoint(tmp_path / "prefixed.safetensors")
+    assert ck.quant.reason("model.diffusion_model.scaled_fp8") == "scaled-fp8 marker: not a module"
+    assert rel(ck.get("model.diffusion_model.b.up.weight"), refs["b.up.weight"]) <= 1e-7
+
+
+def test_inspect_base_reads_dequantized_weights(tmp_path, cli):
+    """``inspect --base`` with a scaled-fp8 base: ‖ΔW‖/‖W‖ uses the dequantized weight."""
+    base, refs = write_fp8(tmp_path, "base", weights(), "musubi_row")
+    tuned = {k: v.to(torch.bfloat16) for k, v in low_rank_change(weights()).items()}
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    cli.ok("extract", "--base", base, "--tuned", tmp_path / "tuned.safetensors", "-o", tmp_path / "lora",
+           "--rank", "4", "--dtype", "fp32")
+    doc = json.loads(cli.ok("inspect", tmp_path / "lora", "--base", base, "--json").stdout)
+    for row in doc["layers"]:
+        w = refs[f"{row['name']}.weight"]
+        assert row["base_fro_norm"] == pytest.approx(float(w.norm()), rel=1e-5)  # inspect's float32 norm: ~1e-6
