@@ -176,26 +176,30 @@ class Quantization:
             return tensor
         return self.apply(key, tensor.to(torch.float32), read, divide=False)
 
-    def apply(self, key: str, w: torch.Tensor, read: Read, divide: bool) -> torch.Tensor:
-        """Multiply (or with ``divide``, divide) float32 ``w`` of ``key``'s shape by its scale, in place."""
+    def apply(self, key: str, w: torch.Tensor, read: Read, divide: bool, start: int = 0) -> torch.Tensor:
+        """Multiply (or with ``divide``, divide) float32 ``w`` by ``key``'s scale, in place: ``w`` is the whole
+        weight, or its rows from ``start`` on (a row block, contiguous)."""
         names = self.scales[key]
         scale = read(names[0]).to(torch.float32)
         for extra in names[1:]:
             scale = scale * read(extra).to(torch.float32)
         op = torch.Tensor.div_ if divide else torch.Tensor.mul_
-        out = w.shape[0] if w.dim() else 1
+        shape = tuple(self.ckpt.shape(key))
+        out = shape[0] if shape else 1
+        n = w.shape[0] if w.dim() else 1
         if scale.numel() == 1:
             return op(w, scale.reshape(()))
         if scale.shape[0] == out and scale.numel() == out:  # per output channel: [out], [out, 1], [out, 1, 1…]
-            return op(w, scale.reshape(out, *([1] * (w.dim() - 1))))
+            return op(w, scale.reshape(out, *([1] * (w.dim() - 1)))[start : start + n])
         if w.dim() == 2 and scale.dim() == 3 and scale.shape[0] == out and scale.shape[2] == 1 \
                 and w.shape[1] % scale.shape[1] == 0:  # musubi: [out, in/B, 1]
-            op(w.view(out, scale.shape[1], -1), scale)
+            op(w.view(n, scale.shape[1], -1), scale[start : start + n])
             return w
         if w.dim() == 2 and scale.dim() == 2:
             bo, bi = self.block(key)
-            if tuple(scale.shape) == (math.ceil(w.shape[0] / bo), math.ceil(w.shape[1] / bi)):
-                rows = scale.repeat_interleave(bo, dim=0)[: w.shape[0]]  # [out, ⌈in/bi⌉]: never a weight-sized scale
+            if tuple(scale.shape) == (math.ceil(out / bo), math.ceil(w.shape[1] / bi)):
+                # [rows, ⌈in/bi⌉]: never a weight-sized scale
+                rows = scale.repeat_interleave(bo, dim=0)[start : start + n]
                 full = w.shape[1] // bi
                 op(w[:, : full * bi].unflatten(1, (full, bi)), rows[:, :full, None])
                 if full < rows.shape[1]:
@@ -203,36 +207,60 @@ class Quantization:
                 return w
             raise LoraToolsError(
                 f"{self.ckpt.file_of(key)}: block scale {names[0]} {list(scale.shape)} does not fit weight {key} "
-                f"{list(w.shape)} in {bo}×{bi} blocks (weight_block_size from config.json, default 128×128)")
+                f"{list(shape)} in {bo}×{bi} blocks (weight_block_size from config.json, default 128×128)")
         raise LoraToolsError(f"{self.ckpt.file_of(key)}: scale {names[0]} {list(scale.shape)} does not fit weight "
-                             f"{key} {list(w.shape)} (expected one value, one per output row, or blocks)")
+                             f"{key} {list(shape)} (expected one value, one per output row, or blocks)")
 
     # ------------------------------------------------------------------ quantization noise
-    def grid_step(self, key: str, w: torch.Tensor, read: Read) -> torch.Tensor | None:
-        """Per element, the spacing of the fp8 grid at ``key``'s stored value, in weight units (``w`` is the weight
-        as read: dequantized, or plain fp8); None if ``key`` is not fp8."""
+    def noise_sq(self, key: str, w: torch.Tensor, read: Read) -> torch.Tensor | None:
+        """Per output row, Σ step²/12 over the row (float64): the variance of round-to-nearest on ``key``'s fp8
+        grid, whose spacing ``step`` at each stored value is taken in weight units (``w`` is the weight as read:
+        dequantized, or plain fp8); None if ``key`` is not fp8. Row block by row block (bounded temporaries)."""
         dt = self.fp8_dtype(key)
         if dt is None:
             return None
-        q = w.to(torch.float32, copy=True)
-        if key in self.scales:
-            self.apply(key, q, read, divide=True)
         info = torch.finfo(dt)
         emin, mant = round(math.log2(info.tiny)), round(-math.log2(info.eps))
-        exp = (torch.frexp(q)[1] - 1).clamp_(min=emin).masked_fill_(q == 0, emin)  # floor(log2|q|), subnormals: emin
-        step = torch.ldexp(torch.ones_like(q), exp - mant)
-        return self.apply(key, step, read, divide=False) if key in self.scales else step
+        mat = w.reshape(w.shape[0], -1) if w.dim() else w.reshape(1, 1)
+        out = torch.empty(mat.shape[0], dtype=torch.float64)
+        for start, block in _row_blocks(mat):
+            q = block.to(torch.float32, copy=True)
+            if key in self.scales:
+                self.apply(key, q.view(-1, *w.shape[1:]), read, divide=True, start=start)
+            exp = (torch.frexp(q)[1] - 1).clamp_(min=emin).masked_fill_(q == 0, emin)  # ⌊log2|q|⌋, subnormals: emin
+            step = torch.ldexp(torch.ones_like(q), exp - mant)
+            if key in self.scales:
+                self.apply(key, step.view(-1, *w.shape[1:]), read, divide=False, start=start)
+            out[start : start + block.shape[0]] = step.double().square_().sum(1) / 12
+        return out
 
     def requantized(self, key: str, other: torch.Tensor, w: torch.Tensor, read: Read) -> bool:
         """Whether the scaled fp8 ``w`` of ``key`` is exactly ``other`` quantized with ``key``'s scale (round to
         nearest, saturated): then their difference is quantization noise, not a change."""
-        if key not in self.scales:
+        if key not in self.scales or w.dim() == 0:
             return False
         dt = self.ckpt.dtype(key)
         fmax = torch.finfo(dt).max
-        q = self.apply(key, w.to(torch.float32, copy=True), read, divide=True).to(dt).to(torch.float32)
-        x = self.apply(key, other.to(torch.float32, copy=True), read, divide=True)
-        return torch.equal(x.clamp_(-fmax, fmax).to(dt).to(torch.float32), q)
+        mat, oth = w.reshape(w.shape[0], -1), other.reshape(w.shape[0], -1)
+        for start, block in _row_blocks(mat):
+            view = (-1, *w.shape[1:])
+            q = self.apply(key, block.to(torch.float32, copy=True).view(view), read, divide=True, start=start)
+            x = self.apply(key, oth[start : start + block.shape[0]].to(torch.float32, copy=True).view(view), read,
+                           divide=True, start=start)
+            if not torch.equal(x.clamp_(-fmax, fmax).to(dt).to(torch.float32), q.to(dt).to(torch.float32)):
+                return False
+        return True
+
+
+#: elements per row block of the noise analysis (its temporaries are a few of these, not layer-sized)
+BLOCK_ELEMS = 1 << 22
+
+
+def _row_blocks(mat: torch.Tensor):
+    """``(first row, rows)`` blocks of about ``BLOCK_ELEMS`` elements of a 2-D tensor."""
+    rows = max(1, BLOCK_ELEMS // max(mat.shape[1], 1))
+    for start in range(0, mat.shape[0], rows):
+        yield start, mat[start : start + rows]
 
 
 def dequantize(ckpt: Checkpoint, key: str, tensor: torch.Tensor, read: Read) -> torch.Tensor:
@@ -268,10 +296,8 @@ def noise_floor_sq(base: Checkpoint, tuned: Checkpoint, key: str, w_base: torch.
     of round-to-nearest), float64 of length ``out``; None when neither side is fp8."""
     total = None
     for ckpt, w, read in ((base, w_base, read_base), (tuned, w_tuned, read_tuned)):
-        step = quantization(ckpt).grid_step(key, w, read)
-        if step is not None:
-            rows = step.double().square_().reshape(step.shape[0], -1).sum(1) / 12 if step.dim() else \
-                step.double().square().reshape(1) / 12
+        rows = quantization(ckpt).noise_sq(key, w, read)
+        if rows is not None:
             total = rows if total is None else total + rows
     return total
 

@@ -62,8 +62,8 @@ def quantize(w: torch.Tensor, conv: str) -> tuple[dict[str, torch.Tensor], torch
         blocks = w.reshape(out, inn // 64, 64).abs().amax(2, keepdim=True) / fp8_max(dt)  # [out, nb, 1]
         tensor = blocks.max().float()
         s = (blocks / tensor).float()
-        full = (s.double() * tensor.double()).repeat_interleave(64, dim=1).reshape(out, inn)
-        q = (w / full).clamp(-fp8_max(dt), fp8_max(dt)).to(dt)
+        total = (s * tensor).repeat_interleave(64, dim=1).reshape(out, inn)  # musubi's float32 total scale
+        q = (w.float() / total).clamp(-fp8_max(dt), fp8_max(dt)).to(dt)
         return {"weight": q, "scale_weight": s, "scale_weight_tensor": tensor}, q.double() * s.double().repeat_interleave(
             64, dim=1).reshape(out, inn) * tensor.double()
     else:
@@ -74,7 +74,7 @@ def quantize(w: torch.Tensor, conv: str) -> tuple[dict[str, torch.Tensor], torch
             for b in range(nb_i):
                 s[a, b] = w[a * bo : (a + 1) * bo, b * bi : (b + 1) * bi].abs().max() / fp8_max(dt)
         full = expand_block(s, (out, inn), bo, bi)
-    q = (w / full).clamp(-fp8_max(dt), fp8_max(dt)).to(dt)
+    q = (w.float() / full.float()).clamp(-fp8_max(dt), fp8_max(dt)).to(dt)  # quantizers divide in float32
     ref = q.double() * full
     name = {"comfy": "scale_weight", "comfy_e5m2": "scale_weight", "musubi_row": "scale_weight",
             "musubi_block": "scale_weight",
@@ -319,3 +319,35 @@ def test_inspect_base_reads_dequantized_weights(tmp_path, cli):
     for row in doc["layers"]:
         w = refs[f"{row['name']}.weight"]
         assert row["base_fro_norm"] == pytest.approx(float(w.norm()), rel=1e-5)  # inspect's float32 norm: ~1e-6
+
+
+@pytest.mark.parametrize("conv", ["musubi_row", "musubi_block", "block"])
+def test_noise_analysis_row_blocks_agree(tmp_path, monkeypatch, conv):
+    """The noise floor and the requantization check work on row blocks (bounded memory): blocks of a few rows,
+    starting inside a scale block, give the same answers as the whole layer."""
+    from loratools import quant
+
+    ws = {k: v.to(torch.bfloat16).double() for k, v in weights().items()}
+    save_file({k: v.to(torch.bfloat16) for k, v in ws.items()}, tmp_path / "base.safetensors")
+    same, _ = write_fp8(tmp_path, "same", ws, conv)
+    changed, _ = write_fp8(tmp_path, "changed", low_rank_change(ws), conv)
+    base = Checkpoint(tmp_path / "base.safetensors")
+    results = []
+    for elems in (quant.BLOCK_ELEMS, 3 * 192 + 5):
+        monkeypatch.setattr(quant, "BLOCK_ELEMS", elems)
+        got = {}
+        for name, path in (("same", same), ("changed", changed)):
+            ck = Checkpoint(path)
+            for key in SHAPES:
+                k = f"{key}.weight"
+                wb, wt = base.get(k), ck.get(k)
+                got[name, k, "noise"] = quant.noise_only(base, ck, k, wb, wt, base.get, ck.get)
+                got[name, k, "floor"] = quant.noise_floor_sq(base, ck, k, wb, wt, base.get, ck.get)
+        results.append(got)
+    whole, blocks = results
+    for k in whole:
+        if k[2] == "noise":
+            assert whole[k] == blocks[k]
+            assert (whole[k] is not None) == (k[0] == "same")
+        else:
+            assert torch.allclose(whole[k], blocks[k], rtol=1e-12, atol=0)
