@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -189,7 +189,7 @@ def _folder_files(ckpt: Checkpoint) -> list[Path]:
 
 
 def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtype: torch.dtype | None,
-                       dropped: set[tuple[Path, str]] = frozenset()) -> list[str]:
+                       dropped: Collection[tuple[Path, str]] = ()) -> list[str]:
     """Copy the non-weight files; rewrite the shard indexes and (with --dtype) each config.json's dtype. A
     dequantized fp8 base (``dropped``: the (file, key) of its scales and markers) loses those keys from the
     indexes and its ``quantization_config``.

@@ -88,6 +88,7 @@ class Quantization:
         self.scales: dict[str, tuple[str, ...]] = {}
         self.aux: dict[str, str] = {}
         self.notes: list[str] = []
+        self._configs: dict[Path, dict] = {}
         keys = ckpt.keys()
         present = set(keys)
         fp8 = {k for k in keys if ckpt.dtype(k) in FP8_DTYPES}
@@ -147,15 +148,15 @@ class Quantization:
         return dt if dt in FP8_DTYPES and key not in self.aux else None
 
     def _quant_config(self, f: Path) -> dict:
-        """``quantization_config`` of the config.json beside weight file ``f`` ({} if none)."""
+        """``quantization_config`` of the config.json beside weight file ``f`` ({} if none; read once)."""
         cfg = f.parent / "config.json"
-        if not cfg.is_file():
-            return {}
-        try:
-            q = json.loads(cfg.read_text()).get("quantization_config")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return {}
-        return q if isinstance(q, dict) else {}
+        if cfg not in self._configs:
+            try:
+                q = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                q = None
+            self._configs[cfg] = q if isinstance(q, dict) else {}
+        return self._configs[cfg]
 
     def block(self, key: str) -> tuple[int, int]:
         """``[bo, bi]`` of a block-scaled weight: config.json's ``weight_block_size`` (or compressed-tensors'

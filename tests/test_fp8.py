@@ -351,3 +351,37 @@ def test_noise_analysis_row_blocks_agree(tmp_path, monkeypatch, conv):
             assert (whole[k] is not None) == (k[0] == "same")
         else:
             assert torch.allclose(whole[k], blocks[k], rtol=1e-12, atol=0)
+
+
+def test_bake_into_sharded_block_fp8_folder(tmp_path, cli):
+    """A sharded HF folder in block fp8 (config.json quantization_config): baked with --dtype bf16, the shards, the
+    index and config.json lose every scale and the quantization_config; the weights are dequantized + ΔW."""
+    path, refs = write_fp8(tmp_path, "one", weights(), "block_cfg")
+    sd = load_file(path / "model.safetensors")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    cfg = json.loads((path / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16"}))
+    shards = {"model-00001-of-00002.safetensors": [k for k in sd if k.startswith("a.")],
+              "model-00002-of-00002.safetensors": [k for k in sd if not k.startswith("a.")]}
+    for name, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, folder / name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, keys in shards.items() for k in keys}}))
+    tuned = {k: v.to(torch.bfloat16) for k, v in low_rank_change(weights()).items()}
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    cli.ok("extract", "--base", folder, "--tuned", tmp_path / "tuned.safetensors", "-o", tmp_path / "lora",
+           "--rank", "8", "--dtype", "fp32")
+    cli.fails("bake", tmp_path / "lora", "--base", folder, "-o", tmp_path / "baked", match="scaled-fp8 checkpoint")
+    cli.ok("bake", tmp_path / "lora", "--base", folder, "-o", tmp_path / "baked", "--dtype", "bf16")
+    out = tmp_path / "baked"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(weights())
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    got = {k: v for name in shards for k, v in load_file(out / name).items()}
+    assert sorted(got) == sorted(weights())
+    lora = load_adapter(tmp_path / "lora")
+    for k, v in got.items():
+        if v.dim() == 2:
+            assert rel(v, refs[k] + reconstruct(lora.layers[k[: -len(".weight")]])) <= 2e-3
