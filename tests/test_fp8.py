@@ -385,3 +385,14 @@ def test_bake_into_sharded_block_fp8_folder(tmp_path, cli):
     for k, v in got.items():
         if v.dim() == 2:
             assert rel(v, refs[k] + reconstruct(lora.layers[k[: -len(".weight")]])) <= 2e-3
+
+
+def test_other_quantized_weights_with_scales_are_refused(tmp_path, cli):
+    """An int8 (W8A8) weight with a weight_scale is not silently skipped as 'not a float tensor': a one-line error."""
+    save_file({k: v.to(torch.bfloat16) for k, v in weights().items()}, tmp_path / "base.safetensors")
+    sd = {k: v.to(torch.bfloat16) for k, v in weights().items()}
+    sd["a.q_proj.weight"] = torch.randint(-127, 127, (300, 192), dtype=torch.int8)
+    sd["a.q_proj.weight_scale"] = torch.full((300, 1), 1e-3)
+    save_file(sd, tmp_path / "int8.safetensors")
+    cli.fails("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "int8.safetensors",
+              "-o", tmp_path / "out", match="int8 weight a.q_proj.weight [300, 192] has a scale (a.q_proj.weight_scale)")
