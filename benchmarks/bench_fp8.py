@@ -8,7 +8,7 @@ Run by hand (not part of the test suite)::
 Writes a bf16 base and two tuned copies (base + a rank-32 change of ``--delta`` relative size): one bf16, one ComfyUI
 scaled fp8 (float8_e4m3fn, per-tensor ``scale_weight``, ``scaled_fp8`` marker). Runs ``loratools extract --rank R
 --json`` on (base, bf16 tuned) and (base, fp8 tuned) in fresh child processes and reports wall time, peak RSS (the
-child's ``ru_maxrss``), per-layer ``fro_norm`` against a float64 ‖deq(tuned) − base‖, and ``fp8_noise_floor``.
+child's ``VmHWM``), per-layer ``fro_norm`` against a float64 ‖deq(tuned) − base‖, and ``fp8_noise_floor``.
 """
 
 from __future__ import annotations
@@ -57,10 +57,12 @@ def build(out: Path, blocks: int, delta: float) -> None:
 
 def run(base: Path, tuned: Path, out: Path, rank: int) -> tuple[float, float, dict]:
     code = (
-        "import resource, sys, json\n"
+        "import re, sys\n"
         "from loratools.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        # VmHWM is this process image's own peak (ru_maxrss would include the parent's, inherited across fork+exec)
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+        "print('RSS', hwm, file=sys.stderr)\n"
     )
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, "extract", "--base", str(base), "--tuned", str(tuned), "-o",
