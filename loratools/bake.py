@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -123,6 +123,12 @@ def bake(
         raise LoraToolsError(f"{out}: a folder base ({base_path}) bakes into a folder, but -o ends in "
                              f"{Path(out).suffix!r}; name the output folder without a weight-file suffix")
     ckpt = Checkpoint(base)
+    quant = ckpt.quant
+    if quant.scales and dtype is None:
+        first = next(iter(quant.scales))
+        raise LoraToolsError(
+            f"{base}: scaled-fp8 checkpoint ({len(quant.scales)} fp8 weights with scales, e.g. {first}): bake writes "
+            "them dequantized, never fp8 with a stale scale; pass --dtype bf16 (or fp16 / fp32)")
     loaded = [(load_adapter(p, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), float(w))
               for p, w in adapters]
     labels = [str(p) for p, _ in adapters]
@@ -132,6 +138,7 @@ def bake(
     sizes: dict[Path, int] = {}  # weight file → bytes written
     tensors_written = 0
     left_out: list[str] = []
+    dropped: set[tuple[Path, str]] = set()  # (file, stored key) of the scales / markers of a dequantized base
     dev = resolve_device(device)
     w = world()
     files = list(ckpt.files)
@@ -146,10 +153,15 @@ def bake(
             rel = f.relative_to(ckpt.path) if is_dir else Path(f.name)
             dest = (scratch or tmp) / rel if (is_dir or scratch is not None) else tmp
             meta = ckpt.file_metadata(f)
+            if quant.scales:  # dequantized: the scales, markers and quantization configs go
+                meta.pop("_quantization_metadata", None)
             tensors: dict[str, torch.Tensor] = {}
-            done = {"rel": rel.as_posix(), "size": 0, "modified": 0, "tensors": 0}
+            done = {"rel": rel.as_posix(), "size": 0, "modified": 0, "tensors": 0, "dropped": []}
             for key, stored in ckpt.file_keys(f):
-                t = ckpt.read_stored(f, stored)
+                if quant.scales and quant.reason(key):
+                    done["dropped"].append(stored)
+                    continue
+                t = quant.dequantize(key, ckpt.read_stored(f, stored), ckpt.get)
                 target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
                 if key in plan:
                     t = apply_layers(t.to(dev), plan[key]).cpu()
@@ -176,12 +188,13 @@ def bake(
             sizes[f] = r["size"]
             modified += r["modified"]
             tensors_written += r["tensors"]
+            dropped.update((f, stored) for stored in r["dropped"])
             if scratch is not None and w.is_main:
                 dest = tmp / r["rel"] if is_dir else tmp
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(scratch / r["rel"], dest)
         if is_dir and w.is_main:
-            left_out = _copy_folder_files(ckpt, tmp, sizes, dtype)
+            left_out = _copy_folder_files(ckpt, tmp, sizes, dtype, dropped)
     warnings = [w for ad, _ in loaded for w in ad.warnings]
     if left_out:
         warnings.append(f"left out {len(left_out)} weight file(s) of the base that bake does not read: "
@@ -205,8 +218,11 @@ def _folder_files(ckpt: Checkpoint) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(ckpt.path).parts[:-1]))
 
 
-def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtype: torch.dtype | None) -> list[str]:
-    """Copy the non-weight files; rewrite the shard indexes and (with --dtype) each config.json's dtype.
+def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtype: torch.dtype | None,
+                       dropped: Collection[tuple[Path, str]] = ()) -> list[str]:
+    """Copy the non-weight files; rewrite the shard indexes and (with --dtype) each config.json's dtype. A
+    dequantized fp8 base (``dropped``: the (file, key) of its scales and markers) loses those keys from the
+    indexes and its ``quantization_config``.
 
     Weight files bake did not read (a ``pytorch_model.bin`` next to the ``model.safetensors`` it baked,
     other frameworks' weights, their indexes) are not copied: they would hold the un-baked weights.
@@ -226,6 +242,7 @@ def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtyp
         dest.parent.mkdir(parents=True, exist_ok=True)
         if src in indexes:
             index = json.loads(src.read_text())
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if (src.parent / v, k) not in dropped}
             shards = {src.parent / name for name in index["weight_map"].values()}
             index.setdefault("metadata", {})["total_size"] = sum(sizes.get(f, 0) for f in shards)
             dest.write_text(json.dumps(index, indent=2) + "\n")
@@ -234,6 +251,8 @@ def _copy_folder_files(ckpt: Checkpoint, tmp: Path, sizes: dict[Path, int], dtyp
             for key in ("torch_dtype", "dtype"):
                 if key in cfg:
                     cfg[key] = DTYPE_NAMES.get(dtype, cfg[key])
+            if dropped:
+                cfg.pop("quantization_config", None)
             dest.write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copy2(src, dest)

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from loratools.errors import LoraToolsError
 from loratools.families.base import split_component
 from loratools.families.sd import flatten_text_model, normalise_text_model
+from loratools.quant import dequantize, quantization
 
 SAFE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 BIN_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "model.bin", "model.pt")
@@ -31,6 +32,7 @@ DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
     "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
 }
 
@@ -316,8 +318,14 @@ class Checkpoint:
         return self._pickle(f)[k].dtype
 
     def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key``; an fp8 weight with a scale comes dequantized to float32 (:mod:`loratools.quant`)."""
         f, k = self._check(key)
-        return self.read_stored(f, k)
+        return dequantize(self, key, self.read_stored(f, k), self.get)
+
+    @property
+    def quant(self):
+        """The checkpoint's fp8 scales and markers (:class:`loratools.quant.Quantization`, built on first use)."""
+        return quantization(self)
 
     # ------------------------------------------------------------------ file by file (bake)
     def file_keys(self, f: Path) -> list[tuple[str, str]]:

@@ -56,6 +56,7 @@ from loratools.device import resolve_device
 from loratools.distributed import parallel_map
 from loratools.errors import LoraToolsError
 from loratools.linalg import RankRule, frobenius_sq, krylov_fits, lora_from_svd, randomized_svd, truncated_svd
+from loratools.quant import dequantize, lora_dtype, noise_floor_sq, noise_only, noise_warnings, unit_noise
 from loratools.stats import spectrum_stats
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -79,7 +80,8 @@ class TensorStream:
     no page-cache copy. (On the 2-core CI VM a buffered cold read of 8 GB costs more than a core of
     CPU time, which it then takes from the SVD; a direct read costs almost none.) Anything else —
     small tensors, misaligned data, filesystems without ``O_DIRECT`` — is a buffered ``readinto``.
-    Other file types go through :meth:`Checkpoint.get` (``torch.load(weights_only=True)``).
+    Other file types go through :meth:`Checkpoint.get` (``torch.load(weights_only=True)``). An fp8 weight with a
+    scale comes back dequantized to float32 (a fresh tensor; :mod:`loratools.quant`).
     """
 
     def __init__(self, ckpt: Checkpoint) -> None:
@@ -141,7 +143,7 @@ class TensorStream:
             head = 0
         if got < b - a:
             raise LoraToolsError(f"{f}: tensor {key!r} is truncated ({got} of {b - a} bytes; file incomplete?)")
-        return buf[head : head + b - a].view(dtype).reshape(info["shape"])
+        return dequantize(self.ckpt, key, buf[head : head + b - a].view(dtype).reshape(info["shape"]), self.read)
 
 
 #: a scratch slot more than twice (plus this) the size it is asked for is reallocated smaller
@@ -325,6 +327,10 @@ def pair_tensors(
             if ref.rows is None and not ref.transpose and ref.key.endswith(".weight"):
                 owner[ref.key[: -len("weight")] + "bias"] = name
     for key in tkeys:
+        aux = tuned.quant.reason(key) or base.quant.reason(key)
+        if aux:  # fp8 scales and markers
+            skipped.append({"name": key, "reason": aux})
+            continue
         if key not in bkeys:
             skipped.append({"name": key, "reason": "only in tuned checkpoint"})
             continue
@@ -355,7 +361,8 @@ def pair_tensors(
             continue
         pairs.append(TensorPair(key, mod, ts, tensor_kind(key, ts)))
     tset = set(tkeys)
-    skipped += [{"name": k, "reason": "only in base checkpoint"} for k in base.keys() if k not in tset]
+    skipped += [{"name": k, "reason": base.quant.reason(k) or "only in base checkpoint"}
+                for k in base.keys() if k not in tset]
     if common == 0:
         example = next((s["name"] + ": " + s["reason"] for s in skipped), "both are empty")
         raise LoraToolsError(
@@ -555,12 +562,14 @@ def _extract_pair(
     any rank may compute it."""
     key = pair.key
     t_layer = time.perf_counter()
-    reason = rounding_only(w_base, w_tuned)
+    bck, tck = bstream.ckpt, tstream.ckpt
+    reason = rounding_only(w_base, w_tuned) or noise_only(bck, tck, key, w_base, w_tuned, bstream.read, tstream.read)
     if reason:
         return [("skipped", u, u.describe(reason=reason), None) for u in pair.units()]
+    floor = noise_floor_sq(bck, tck, key, w_base, w_tuned, bstream.read, tstream.read)
     whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
     del w_tuned
-    out_dtype = opt.dtype or tstream.ckpt.dtype(key)
+    out_dtype = opt.dtype or lora_dtype(bck, tck, key)
     outs: list[tuple[str, TensorPair, dict | None, object]] = []
     for unit in pair.units():
         diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device)
@@ -588,6 +597,7 @@ def _extract_pair(
             outs.append(("skipped", unit, unit.describe(reason=row["reason"]), None))
             continue
         row["time_s"] = time.perf_counter() - t_layer
+        row.update(unit_noise(floor, unit.ref.rows if unit.ref is not None else None, total))
         row["fingerprint"] = (unit.shape, total, base_norm)
         outs.append(("layer", unit, row, layer))
     return outs
@@ -658,7 +668,7 @@ def extract(
             f"module {both[0]} would be both a LoRA target and saved in full (--save-full matched only some of its "
             "tensors, e.g. the bias); match the whole module or none of it"
         )
-    warnings = _tied_head_warning(bck, tck, layers)
+    warnings = _tied_head_warning(bck, tck, layers) + bck.quant.notes + tck.quant.notes + noise_warnings(rows)
     adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path),
                       warnings=warnings, family=family, provenance={
                           "base_model": str(bck.path), "task_type": _peft_task_type(bck), "output_name": "extracted",
@@ -782,9 +792,11 @@ def spectrum(
 
     def work(item: tuple[TensorPair, torch.Tensor, torch.Tensor]) -> list[tuple[str, dict]]:
         pair, w_base, w_tuned = item
-        reason = rounding_only(w_base, w_tuned)
+        reason = rounding_only(w_base, w_tuned) or noise_only(bck, tck, pair.key, w_base, w_tuned, bstream.read,
+                                                              tstream.read)
         if reason:
             return [("skipped", u.describe(reason=reason)) for u in pair.units()]
+        floor = noise_floor_sq(bck, tck, pair.key, w_base, w_tuned, bstream.read, tstream.read)
         whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
         outs = []
         for unit in pair.units():
@@ -797,7 +809,8 @@ def spectrum(
             else:
                 s, is_exact = layer_spectrum_of_diff(diff.reshape(unit.shape[0], -1), top, exact, exact_below, seed,
                                                      total)
-                outs.append(("layer", _spectrum_row(unit, s.double(), total, base_norm, is_exact)))
+                outs.append(("layer", {**_spectrum_row(unit, s.double(), total, base_norm, is_exact),
+                                       **unit_noise(floor, unit.ref.rows if unit.ref is not None else None, total)}))
         return outs
 
     rule = RankRule("rank", top)
