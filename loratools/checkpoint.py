@@ -131,21 +131,36 @@ def _one_line(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class ModuleRef:
     """Where a module's weight lives in a checkpoint: tensor ``key``, its row slice ``rows`` (fused projections:
-    OpenCLIP ``in_proj`` holds q, k, v), ``transpose`` where the tensor stores the weight transposed."""
+    OpenCLIP ``in_proj`` holds q, k, v), ``transpose`` where the tensor stores the weight transposed, ``row_order``
+    where the module's rows are the tensor's row blocks in another order (Flux ``norm_out.linear``: halves swapped)."""
 
     key: str
     rows: tuple[int, int] | None = None
     transpose: bool = False
+    row_order: tuple[tuple[int, int], ...] | None = None
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The module's weight out of the whole stored tensor."""
+        """The module's weight out of the whole stored tensor (a copy where rows are reordered)."""
+        if self.row_order is not None:
+            return torch.cat([tensor[a:b] for a, b in self.row_order], dim=0)
         if self.rows is not None:
             tensor = tensor[self.rows[0] : self.rows[1]]
         return tensor.T if self.transpose else tensor
 
     def put(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         """Write the module's weight ``value`` back into the whole stored ``tensor`` (in place)."""
+        if self.row_order is not None:
+            i = 0
+            for a, b in self.row_order:
+                tensor[a:b].copy_(value[i : i + b - a])
+                i += b - a
+            return
         self.take(tensor).copy_(value)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the module's weight is the stored tensor as it is (no row slice, order or transpose)."""
+        return self.rows is None and not self.transpose and self.row_order is None
 
 
 class _Shapes(Mapping):
@@ -388,7 +403,7 @@ class Checkpoint:
                     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                         pass
                 try:
-                    self._family_naming = pipeline_naming(fam[0], configs, self.keys())
+                    self._family_naming = pipeline_naming(fam[0], configs, _Shapes(self))
                 except ValueError:
                     self._family_naming = None
         return self._family_naming
@@ -409,7 +424,7 @@ class Checkpoint:
         if not hasattr(self, "_refs"):
             nm = self.naming()
             if nm is not None:
-                self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose)
+                self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose, getattr(m, "row_order", None))
                               for m in nm.modules if m.weight_key in self._where}
             elif self.is_pipeline:
                 self._refs = {}

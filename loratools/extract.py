@@ -231,7 +231,7 @@ class TensorPair:
     @property
     def whole(self) -> bool:
         """Whether the module's weight is the whole tensor as stored (no row slice, not transposed)."""
-        return self.ref is None or (self.ref.rows is None and not self.ref.transpose)
+        return self.ref is None or self.ref.whole
 
     def units(self) -> tuple[TensorPair, ...]:
         """The modules this tensor holds: its ``parts``, or the pair itself."""
@@ -321,7 +321,7 @@ def pair_tensors(
     if naming is not None:
         for name, ref in base.family_refs().items():
             by_key.setdefault(ref.key, []).append((name, ref))
-            if ref.rows is None and not ref.transpose and ref.key.endswith(".weight"):
+            if ref.whole and ref.key.endswith(".weight"):
                 owner[ref.key[: -len("weight")] + "bias"] = name
     for key in tkeys:
         if key not in bkeys:

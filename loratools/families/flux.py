@@ -298,6 +298,44 @@ class FluxFamily:
         got = detect(keys)
         return got if got is not None and got[0] == self.name else None
 
+    def naming_for_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> FluxNaming:
+        """Name maps in the structure an *adapter's* layers imply: ``shapes`` maps layer names (any convention,
+        fused ones included) to ΔW shapes. The hidden size comes from the input width of a block's q/k/v,
+        modulation or MLP input, the MLP width from ``proj_mlp`` (or ``linear1``); block counts are at least the
+        default's. The default structure where the layers tell nothing."""
+        nm = _default_naming(self.name)
+        hidden = mlp = None
+        counts = {"transformer_blocks": self.default.num_double, "single_transformer_blocks": self.default.num_single}
+        fused_rows: list[int] = []
+        for name, shape in shapes.items():
+            got = nm.lookup_group(name)
+            if got is None or len(shape) != 2:
+                continue
+            mods = got[0]
+            for m in mods:
+                block = re.match(r"transformer\.((?:single_)?transformer_blocks)\.(\d+)\.", m.canonical)
+                if block:
+                    counts[block.group(1)] = max(counts[block.group(1)], int(block.group(2)) + 1)
+            path = mods[0].path
+            if _HIDDEN_INPUT.search(path):
+                hidden = int(shape[1])
+            if len(mods) == 1 and path.endswith(".proj_mlp"):
+                mlp = int(shape[0])
+            if len(mods) == 4:
+                fused_rows.append(int(shape[0]))
+        if hidden is None:
+            return nm
+        if mlp is None:
+            mlp = fused_rows[0] - 3 * hidden if fused_rows else 4 * hidden
+        st = FluxStructure(counts["transformer_blocks"], counts["single_transformer_blocks"], hidden, mlp,
+                           self.default.guidance)
+        return nm if st == self.default else FluxNaming(self, st)
+
+
+#: modules whose input width is the hidden size (a block's attention projections, modulation and MLP input)
+_HIDDEN_INPUT = re.compile(r"(?:attn\.(?:to_[qkv]|add_[qkv]_proj)|proj_mlp|norm1(?:_context)?\.linear|norm\.linear"
+                           r"|ff(?:_context)?\.net\.0\.proj)$")
+
 
 FLUX_FAMILIES: dict[str, FluxFamily] = {
     f.name: f
@@ -360,6 +398,11 @@ class FluxNaming:
     Mangled names (kohya, OneTrainer, LyCORIS) are resolved through a table of every generated name,
     never by un-mangling ``_``.
     """
+
+    #: kohya stem style written unless asked: sd-scripts' BFL names (what ComfyUI, diffusers and Forge all read)
+    kohya_default_style = "original"
+    #: conventions that name BFL tensors (fused q/k/v, permuted norm_out rows): their LoRA factors are in BFL rows
+    ORIGINAL_CONVENTIONS = frozenset({"kohya_original", "comfy", "original"})
 
     def __init__(self, family: FluxFamily, structure: FluxStructure) -> None:
         self.family = family
@@ -464,6 +507,10 @@ class FluxNaming:
         """Canonical name of a module named in any convention (see ``lookup``), or None."""
         got = self.lookup(name)
         return got[0] if got else None
+
+    def is_canonical(self, name: str) -> bool:
+        """Whether ``name`` is the canonical name of a module of this structure (not an alias of one)."""
+        return name in self._by_canonical
 
     def lookup_group(self, name: str) -> tuple[list[FluxModuleMap], str] | None:
         """``(modules, convention)`` for any name: one module, or all modules of a fused BFL name in

@@ -41,7 +41,8 @@ from loratools.formats.common import (
     take_embedding_marks,
     take_peft_config,
 )
-from loratools.formats.resolve import family_by_width
+from loratools.formats.fused import fuse_for_writing, is_grouped
+from loratools.formats.resolve import family_by_width, layer_naming
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 #: the roots of ComfyUI's LoRA keys: the diffusion model and the text encoders
@@ -135,13 +136,14 @@ def _family(adapter: Adapter) -> str | None:
                          "differ; pass --base CKPT (the SD checkpoint it is for) or --family")
 
 
-def comfy_keys(adapter: Adapter) -> dict[str, str]:
-    """Layer name → ComfyUI module key, or a one-line error for a layer no SD family names."""
+def comfy_keys(adapter: Adapter, layers: dict[str, Layer] | None = None) -> dict[str, str]:
+    """Layer name → ComfyUI module key (of ``layers``, default the adapter's), or a one-line error for a layer no
+    family names."""
     family = _family(adapter)
     naming = naming_for(family) if family in FAMILIES else None
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
-    for name in adapter.layers:
+    for name in adapter.layers if layers is None else layers:
         if is_comfy_name(name):
             key = name
         elif naming is not None and naming.is_canonical(name):
@@ -163,10 +165,15 @@ def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOption
     if options.kohya_prefix:
         raise LoraToolsError("--kohya-prefix does not apply to comfy output")
     dtype = options.dtype
-    keys = comfy_keys(adapter)
+    family = _family(adapter)
+    layers = adapter.layers
+    if family in FAMILIES and is_grouped(naming_for(family)):  # DiT families: one ComfyUI key per fused tensor
+        layers, notes = fuse_for_writing(layers, layer_naming(family, adapter))
+        adapter.warnings.extend(notes)
+    keys = comfy_keys(adapter, layers)
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
-    for name, layer in adapter.layers.items():
+    for name, layer in layers.items():
         key = keys[name]
         if layer.embedding:
             embeddings.append(key)

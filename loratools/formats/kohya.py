@@ -32,6 +32,7 @@ from loratools.formats.common import (
     take_embedding_marks,
     take_peft_config,
 )
+from loratools.formats.fused import fuse_for_writing, is_grouped
 from loratools.formats.naming import (
     COMPONENT_PREFIX,
     layer_component,
@@ -40,6 +41,7 @@ from loratools.formats.naming import (
     split_prefix,
     tag_stem,
 )
+from loratools.formats.resolve import layer_naming
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 #: model family → (ss_base_model_version, modelspec architecture), as sd-scripts (library/sai_model_spec.py) writes them
@@ -140,10 +142,17 @@ def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOption
     dtype, prefix, component, force_component = (options.dtype, options.kohya_prefix, options.component,
                                                   options.force_component)
     naming = naming_for(adapter.family) if adapter.family and not force_component and prefix is None else None
+    style, layers = options.kohya_style, adapter.layers
+    if naming is not None and is_grouped(naming):  # DiT families: fused BFL stems in "original" style
+        style = style or ("diffusers" if all(la.meta.get("convention") == "kohya_diffusers" for la in layers.values())
+                          else naming.kohya_default_style)
+        if style == "original":
+            layers, notes = fuse_for_writing(layers, layer_naming(adapter.family, adapter))
+            adapter.warnings.extend(notes)
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
-    for name, layer in adapter.layers.items():
-        stem = (family_stem(naming, name, layer, options.kohya_style)
+    for name, layer in layers.items():
+        stem = (family_stem(naming, name, layer, style)
                 or stem_for(name, layer, adapter.resolved, prefix, component, force_component))
         if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
             mag = layer.magnitude.reshape(-1)
