@@ -393,6 +393,14 @@ class Checkpoint:
         if not hasattr(self, "_family_naming"):
             self._family_naming = self.naming()
             fam = self.family()
+            if self._family_naming is None and fam is not None and fam[1] == "diffusers" and not self.is_pipeline:
+                from loratools.families import get_family, naming_for
+
+                try:  # a DiT family's diffusers transformer file or folder: its canonical modules, from its keys
+                    if hasattr(get_family(fam[0]), "naming_for_shapes"):
+                        self._family_naming = naming_for(fam[0], _Shapes(self))
+                except ValueError:
+                    self._family_naming = None
             if self._family_naming is None and self.is_pipeline and fam is not None:
                 from loratools.families import pipeline_naming
 
@@ -414,8 +422,7 @@ class Checkpoint:
         nm = self.family_naming()
         if nm is None:
             return {}
-        refs = self.module_refs()
-        return {m.canonical: refs[m.canonical] for m in nm.modules if m.canonical in refs}
+        return {m.canonical: ref for m in nm.modules if (ref := self.module_ref(m.canonical)) is not None}
 
     def module_refs(self) -> dict[str, ModuleRef]:
         """{module name → where its weight lives}: canonical names (``unet.down_blocks…``) with row slices of fused

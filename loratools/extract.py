@@ -55,6 +55,7 @@ from loratools.checkpoint import DTYPES, Checkpoint, ModuleRef, is_safetensors
 from loratools.device import resolve_device
 from loratools.errors import LoraToolsError
 from loratools.linalg import RankRule, frobenius_sq, krylov_fits, lora_from_svd, randomized_svd, truncated_svd
+from loratools.relayout import in_base_layout
 from loratools.stats import spectrum_stats
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -548,7 +549,7 @@ def extract(
     opt = options or ExtractOptions()
     t0 = time.perf_counter()
     bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    tck = in_base_layout(bck, tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned))
     if opt.clamp_quantile is not None and not 0 < opt.clamp_quantile <= 1:
         raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
     device = resolve_device(opt.device)
@@ -743,7 +744,7 @@ def spectrum(
         raise LoraToolsError(f"--top must be ≥ 1, got {top}")
     t0 = time.perf_counter()
     bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    tck = in_base_layout(bck, tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned))
     dev = resolve_device(device)
     family = family_of(bck, tck)
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
