@@ -282,7 +282,7 @@ def _checkpoints(tmp_path: Path) -> dict[str, Path]:
     base, tuned = tiny(), tiny()
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
-        for name, p in tuned.named_parameters():
+        for _name, p in tuned.named_parameters():
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g) * 0.05)
     nm = get_family("flux_dev").naming(base.state_dict())
@@ -352,3 +352,22 @@ def test_wrong_shape_fused_layer_is_one_line_error(tmp_path):
                "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(HIDDEN, 4)}, str(f))
     with pytest.raises(LoraToolsError, match="img_attn_qkv.*rows"):
         load_adapter(f)
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+@pytest.mark.parametrize("fmt,style,name,convention,trainer", [
+    ("kohya", "original", "k.safetensors", "kohya_original", "sd-scripts style (kohya)"),
+    ("kohya", "diffusers", "kd.safetensors", "kohya_diffusers", "OneTrainer"),
+    ("comfy", None, "c.safetensors", "comfy", "ComfyUI-native"),
+    ("diffusers", None, "d", "diffusers", "diffusers / PEFT"),
+])
+def test_inspect_reports_family_convention_and_trainer(source, fmt, style, name, convention, trainer, tmp_path, cli):
+    out = write(tmp_path / name, fmt, style, source[0])
+    s = json.loads(cli.ok("inspect", out, "--json").stdout)["summary"]
+    assert (s["family"], s["convention"], s["trainer"]) == ("flux_dev", convention, trainer)
+    assert s["layers"] == 50
+
+
+def test_family_option_alias(source, tmp_path, cli):
+    s = json.loads(cli.ok("inspect", source[0], "--family", "flux", "--json").stdout)["summary"]
+    assert s["family"] == "flux_dev"
