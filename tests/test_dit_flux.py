@@ -371,3 +371,32 @@ def test_inspect_reports_family_convention_and_trainer(source, fmt, style, name,
 def test_family_option_alias(source, tmp_path, cli):
     s = json.loads(cli.ok("inspect", source[0], "--family", "flux", "--json").stdout)["summary"]
     assert s["family"] == "flux_dev"
+
+
+def _fused_deltas(path: Path) -> dict[str, torch.Tensor]:
+    t = load_file(str(path))
+    out = {}
+    for k in t:
+        if k.endswith(".lora_up.weight"):
+            stem = k.removesuffix(".lora_up.weight")
+            up, down = t[k].double(), t[stem + ".lora_down.weight"].double()
+            out[stem] = up @ down * (float(t[stem + ".alpha"]) / down.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "kohya"])
+def test_rank_rule_on_a_fused_output_is_the_optimal_truncation_of_the_fused_delta(source, fmt, tmp_path, cli):
+    full = write(tmp_path / "full.safetensors", fmt, None, source[0])
+    res = cli.ok("convert", source[0], "--to", fmt, "--rank", "6", "-o", tmp_path / "r.safetensors", "--json")
+    rows = {r["name"]: r for r in json.loads(res.stdout)["per_layer"]}
+    want, got = _fused_deltas(full), _fused_deltas(tmp_path / "r.safetensors")
+    assert want.keys() == got.keys()
+    fused = [k for k in want if k.endswith(("qkv", "linear1"))]
+    assert len(fused) == 6
+    for k in fused:
+        s = torch.linalg.svdvals(want[k])
+        optimum = float(s[6:].norm() / s.norm())
+        err = float((got[k] - want[k]).norm() / want[k].norm())
+        assert abs(err - optimum) <= 1e-5, k
+    truncated = [r for r in rows.values() if r["action"] == "truncated" and r["source_rank"] > 6]
+    assert len(truncated) == 6 and all(r["rank"] == 6 for r in truncated)

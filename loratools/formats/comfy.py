@@ -159,17 +159,24 @@ def comfy_keys(adapter: Adapter, layers: dict[str, Layer] | None = None) -> dict
     return out
 
 
+def fused_layers(adapter: Adapter, options: WriteOptions) -> tuple[dict[str, Layer], list[str]] | None:
+    """A DiT family's layers as ComfyUI keys hold them: one block-diagonal LoRA per fused BFL tensor; else None."""
+    family = _family(adapter)
+    if family not in FAMILIES or not is_grouped(naming_for(family)):
+        return None
+    return fuse_for_writing(adapter.layers, layer_naming(family, adapter))
+
+
 def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
     if options.force_component:
         raise LoraToolsError("--component does not apply to comfy output: ComfyUI keys come from the model family")
     if options.kohya_prefix:
         raise LoraToolsError("--kohya-prefix does not apply to comfy output")
     dtype = options.dtype
-    family = _family(adapter)
-    layers = adapter.layers
-    if family in FAMILIES and is_grouped(naming_for(family)):  # DiT families: one ComfyUI key per fused tensor
-        layers, notes = fuse_for_writing(layers, layer_naming(family, adapter))
-        adapter.warnings.extend(notes)
+    fused = fused_layers(adapter, options)
+    layers = adapter.layers if fused is None else fused[0]
+    if fused is not None:
+        adapter.warnings.extend(fused[1])
     keys = comfy_keys(adapter, layers)
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
@@ -205,5 +212,5 @@ def refuse(name: str, layer: Layer) -> str | None:
 FORMAT = AdapterFormat(
     name="comfy", summary="ComfyUI-native single .safetensors (diffusion_model.… / text_encoders.clip_l.… keys, .alpha)",
     folder=False, read=lambda path: read_single_file(path, read_tensors_map), write=write, claims=is_comfy_key,
-    refuse=refuse,
+    refuse=refuse, fused_layers=fused_layers,
 )

@@ -33,6 +33,8 @@ from loratools.adapter import Layer, LoraLayer
 from loratools.errors import LoraToolsError
 from loratools.families.flux import place_rows, take_rows
 
+#: layer.meta key of a layer on a whole fused / reordered tensor: the canonical modules it holds
+FUSED = "fused"
 #: layer.meta key: the fused layer a split layer was read from (so an unchanged group is written back as it was)
 SPLIT_FROM = "split_from"
 
@@ -154,7 +156,7 @@ def fuse_layers(layers: list[LoraLayer | None], modules: list[Any], source: str)
     else:
         alpha = float(total)
     mag = _fused_magnitude(present, modules, rows, source)
-    meta = {"fused": [m.canonical for m, _ in present]}
+    meta = {FUSED: [m.canonical for m, _ in present]}
     if first.meta.get("alpha_dtype") is not None and same and len(present) == 1:
         meta["alpha_dtype"] = first.meta["alpha_dtype"]
     return LoraLayer(down=down, up=up, alpha=alpha, magnitude=mag, magnitude_axis="out", meta=meta)
@@ -193,6 +195,10 @@ def fuse_for_writing(layers: Mapping[str, Layer], naming: Any) -> tuple[dict[str
             out[name] = layer
             continue
         group = naming.by_original(naming.module(name).original)
+        if layer.meta.get(FUSED):  # fused already (convert --rank truncates the fused ΔW before writing)
+            out[name] = layer
+            done.update(m.canonical for m in group)
+            continue
         if len(group) <= 1 and row_blocks(naming.module(name)) is None:
             out[name] = layer
             continue
@@ -201,7 +207,7 @@ def fuse_for_writing(layers: Mapping[str, Layer], naming: Any) -> tuple[dict[str
         original = naming.module(name).original
         fused = fuse_layers(members, group, original)
         out[group[0].canonical] = fused
-        if len(group) > 1 and fused.meta.get("fused"):
+        if len(group) > 1 and fused.meta.get(FUSED):
             fused_count += 1
             if not example:
                 parts = "+".join(str(la.rank) for la in members if la is not None)

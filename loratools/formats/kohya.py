@@ -138,17 +138,39 @@ def family_stem(naming, name: str, layer: Layer, style: str | None) -> str | Non
     return naming.kohya_stem(name, style or "diffusers")
 
 
+def _naming(adapter: Adapter, options: WriteOptions):
+    """The adapter family's names, unless --component / --kohya-prefix ask for plain mangled stems."""
+    plain = options.force_component or options.kohya_prefix is not None
+    return naming_for(adapter.family) if adapter.family and not plain else None
+
+
+def _style(adapter: Adapter, naming, options: WriteOptions) -> str | None:
+    """The kohya stem style: asked, else (DiT families) the input's own where every layer came in OneTrainer's
+    ``lora_transformer_`` stems, else the family's default (Flux: sd-scripts' "original")."""
+    if options.kohya_style or naming is None or not is_grouped(naming):
+        return options.kohya_style
+    if all(la.meta.get("convention") == "kohya_diffusers" for la in adapter.layers.values()):
+        return "diffusers"
+    return naming.kohya_default_style
+
+
+def fused_layers(adapter: Adapter, options: WriteOptions) -> tuple[dict[str, Layer], list[str]] | None:
+    """A DiT family's layers in "original" style: one block-diagonal LoRA per fused BFL tensor; else None."""
+    naming = _naming(adapter, options)
+    if naming is None or not is_grouped(naming) or _style(adapter, naming, options) != "original":
+        return None
+    return fuse_for_writing(adapter.layers, layer_naming(adapter.family, adapter))
+
+
 def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
     dtype, prefix, component, force_component = (options.dtype, options.kohya_prefix, options.component,
                                                   options.force_component)
-    naming = naming_for(adapter.family) if adapter.family and not force_component and prefix is None else None
-    style, layers = options.kohya_style, adapter.layers
-    if naming is not None and is_grouped(naming):  # DiT families: fused BFL stems in "original" style
-        style = style or ("diffusers" if all(la.meta.get("convention") == "kohya_diffusers" for la in layers.values())
-                          else naming.kohya_default_style)
-        if style == "original":
-            layers, notes = fuse_for_writing(layers, layer_naming(adapter.family, adapter))
-            adapter.warnings.extend(notes)
+    naming = _naming(adapter, options)
+    style = _style(adapter, naming, options)
+    fused = fused_layers(adapter, options)
+    layers = adapter.layers if fused is None else fused[0]
+    if fused is not None:
+        adapter.warnings.extend(fused[1])
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
     for name, layer in layers.items():
@@ -246,5 +268,5 @@ def refuse(name: str, layer: Layer) -> str | None:
 FORMAT = AdapterFormat(
     name="kohya", summary="kohya / sd-scripts single .safetensors (lora_unet_… stems, .alpha; LoCon; dora_scale)",
     folder=False, read=lambda path: read_single_file(path, read_tensors_map), write=write, claims=is_kohya_key,
-    refuse=refuse, dora="lycoris", priority=1,
+    refuse=refuse, dora="lycoris", priority=1, fused_layers=fused_layers,
 )
