@@ -48,6 +48,7 @@ from functools import cache
 from typing import Any
 
 from .base import ModuleMap
+from .dit import DiTNaming
 from .sd import adapter_module
 
 #: prefixes a BFL transformer key may carry in a checkpoint (longest first)
@@ -392,17 +393,12 @@ def _mangle(path: str) -> str:
     return path.replace(".", "_")
 
 
-class FluxNaming:
+class FluxNaming(DiTNaming):
     """All name conventions of one Flux structure; ``modules`` lists every mapped module in model order.
 
     Mangled names (kohya, OneTrainer, LyCORIS) are resolved through a table of every generated name,
     never by un-mangling ``_``.
     """
-
-    #: kohya stem style written unless asked: sd-scripts' BFL names (what ComfyUI, diffusers and Forge all read)
-    kohya_default_style = "original"
-    #: conventions that name BFL tensors (fused q/k/v, permuted norm_out rows): their LoRA factors are in BFL rows
-    ORIGINAL_CONVENTIONS = frozenset({"kohya_original", "comfy", "original"})
 
     def __init__(self, family: FluxFamily, structure: FluxStructure) -> None:
         self.family = family
@@ -507,10 +503,6 @@ class FluxNaming:
         """Canonical name of a module named in any convention (see ``lookup``), or None."""
         got = self.lookup(name)
         return got[0] if got else None
-
-    def is_canonical(self, name: str) -> bool:
-        """Whether ``name`` is the canonical name of a module of this structure (not an alias of one)."""
-        return name in self._by_canonical
 
     def lookup_group(self, name: str) -> tuple[list[FluxModuleMap], str] | None:
         """``(modules, convention)`` for any name: one module, or all modules of a fused BFL name in

@@ -31,6 +31,7 @@ import torch
 
 from loratools.adapter import Layer, LoraLayer
 from loratools.errors import LoraToolsError
+from loratools.families.dit import is_canonical
 from loratools.families.flux import place_rows, take_rows
 
 #: layer.meta key of a layer on a whole fused / reordered tensor: the canonical modules it holds
@@ -191,7 +192,7 @@ def fuse_for_writing(layers: Mapping[str, Layer], naming: Any) -> tuple[dict[str
     for name, layer in layers.items():
         if name in done:
             continue
-        if not naming.is_canonical(name):
+        if not is_canonical(naming, name):
             out[name] = layer
             continue
         group = naming.by_original(naming.module(name).original)

@@ -151,7 +151,7 @@ def _style(adapter: Adapter, naming, options: WriteOptions) -> str | None:
         return options.kohya_style
     if all(la.meta.get("convention") == "kohya_diffusers" for la in adapter.layers.values()):
         return "diffusers"
-    return naming.kohya_default_style
+    return getattr(naming, "kohya_default_style", "original")
 
 
 def fused_layers(adapter: Adapter, options: WriteOptions) -> tuple[dict[str, Layer], list[str]] | None:

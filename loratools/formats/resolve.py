@@ -22,6 +22,7 @@ from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.families import FAMILIES, detect_adapter, family_name, naming_for, naming_for_layers
+from loratools.families.dit import original_conventions
 from loratools.formats.fused import is_grouped, row_blocks, split_layer
 from loratools.formats.naming import KOHYA_PREFIXES, mangle, split_component, split_prefix
 
@@ -132,7 +133,7 @@ def _group(naming, name: str, layer):
         found = naming.lookup_group(cand)
         if found:
             mods, convention = found
-            if len(mods) > 1 or (row_blocks(mods[0]) is not None and convention in naming.ORIGINAL_CONVENTIONS):
+            if len(mods) > 1 or (row_blocks(mods[0]) is not None and convention in original_conventions(naming)):
                 return found
             return None
     return None
