@@ -400,3 +400,14 @@ def test_rank_rule_on_a_fused_output_is_the_optimal_truncation_of_the_fused_delt
         assert abs(err - optimum) <= 1e-5, k
     truncated = [r for r in rows.values() if r["action"] == "truncated" and r["source_rank"] > 6]
     assert len(truncated) == 6 and all(r["rank"] == 6 for r in truncated)
+
+
+def test_sd_scripts_file_through_diffusers_comes_back_at_its_rank(tmp_path):
+    """sd-scripts → diffusers (each module gets the shared down) → kohya: the members' downs are equal, so the fused
+    LoRA is their ups stacked at the file's rank, and equals the sd-scripts file bit for bit."""
+    f = tmp_path / "sds.safetensors"
+    state = _sd_scripts_lora()
+    save_file(state, str(f))
+    d = write(tmp_path / "d", "diffusers", None, f)
+    back = load_file(str(write(tmp_path / "k.safetensors", "kohya", None, d)))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())

@@ -14,7 +14,8 @@ that name those tensors (kohya "original" stems, ComfyUI keys, checkpoint keys) 
   magnitude per output row is sliced the same way; one per input column has no exact split (an error).
 * **split → fused** (:func:`fuse_layers`, when writing): ``down`` = the members' downs stacked, ``up`` =
   block-diagonal (each member's rows, its own columns; members the adapter lacks are zero rows), so the rank is the
-  sum of the members' ranks. Members with one scale keep their factors as they are (alpha = scale × total rank);
+  sum of the members' ranks — except where every member has the same ``down`` and scale (an sd-scripts LoRA split
+  by diffusers' converter or by loratools): then ``up`` is the members' ups stacked by rows and the rank is kept. Members with one scale keep their factors as they are (alpha = scale × total rank);
   otherwise each member's scale is folded into its block and alpha = total rank (scale 1). A group that came from one
   fused layer unchanged is written as that layer (bit-exact round trips).
 
@@ -143,6 +144,15 @@ def fuse_layers(layers: list[LoraLayer | None], modules: list[Any], source: str)
     total = sum(ranks)
     scales = {la.scale for _, la in present}
     same = len(scales) == 1 and all(not la.rslora for _, la in present)
+    mag = _fused_magnitude(present, modules, rows, source)
+    shared = len(present) > 1 and same and all(la.up.dtype == dtype and la.down.shape == first.down.shape
+                                               and torch.equal(la.down, first.down) for _, la in present)
+    if shared:  # one down for every member (an sd-scripts LoRA split by a converter): stack the ups, keep the rank
+        up = torch.zeros((rows, first.rank), dtype=dtype)
+        for m, la in present:
+            place_rows(m, la.up, up)
+        meta = {FUSED: [m.canonical for m, _ in present]}
+        return LoraLayer(down=first.down, up=up, alpha=first.alpha, magnitude=mag, magnitude_axis="out", meta=meta)
     up = torch.zeros((rows, total), dtype=dtype)
     col = 0
     for m, la in present:
@@ -156,7 +166,6 @@ def fuse_layers(layers: list[LoraLayer | None], modules: list[Any], source: str)
         alpha = None if all(la.alpha is None for _, la in present) else first.scale * total
     else:
         alpha = float(total)
-    mag = _fused_magnitude(present, modules, rows, source)
     meta = {FUSED: [m.canonical for m, _ in present]}
     if first.meta.get("alpha_dtype") is not None and same and len(present) == 1:
         meta["alpha_dtype"] = first.meta["alpha_dtype"]
@@ -208,7 +217,8 @@ def fuse_for_writing(layers: Mapping[str, Layer], naming: Any) -> tuple[dict[str
         original = naming.module(name).original
         fused = fuse_layers(members, group, original)
         out[group[0].canonical] = fused
-        if len(group) > 1 and fused.meta.get(FUSED):
+        ranks = [la.rank for la in members if la is not None]
+        if len(ranks) > 1 and fused.rank > max(ranks):  # a block-diagonal stack (not a shared down)
             fused_count += 1
             if not example:
                 parts = "+".join(str(la.rank) for la in members if la is not None)
