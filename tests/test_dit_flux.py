@@ -411,3 +411,19 @@ def test_sd_scripts_file_through_diffusers_comes_back_at_its_rank(tmp_path):
     d = write(tmp_path / "d", "diffusers", None, f)
     back = load_file(str(write(tmp_path / "k.safetensors", "kohya", None, d)))
     assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_resize_of_an_sd_scripts_file_keeps_it_fused(tmp_path, cli):
+    """resize writes back in the input's convention, truncating each fused tensor's ΔW (not a block-diagonal stack
+    of per-module truncations, which would grow the rank)."""
+    f = tmp_path / "sds.safetensors"
+    state = _sd_scripts_lora()
+    save_file(state, str(f))
+    cli.ok("resize", f, "--rank", "2", "-o", tmp_path / "r.safetensors")
+    got = load_file(str(tmp_path / "r.safetensors"))
+    assert {k.split(".")[0] for k in got} == {k.split(".")[0] for k in state}
+    assert all(v.shape[0] == 2 for k, v in got.items() if k.endswith("lora_down.weight"))
+    want = _fused_deltas(f)
+    for stem, d in _fused_deltas(tmp_path / "r.safetensors").items():
+        s = torch.linalg.svdvals(want[stem])
+        assert abs(float((d - want[stem]).norm() / want[stem].norm()) - float(s[2:].norm() / s.norm())) <= 1e-5, stem

@@ -125,18 +125,23 @@ def _unchanged_source(layers: list[LoraLayer | None], modules: list[Any]) -> Lay
 
 def fuse_layers(layers: list[LoraLayer | None], modules: list[Any], source: str) -> LoraLayer:
     """One LoRA on the original tensor of ``modules`` (row order) from their layers (None: not adapted)."""
-    src = _unchanged_source(layers, modules)
-    if src is not None:
-        return src
     present = [(m, la) for m, la in zip(modules, layers) if la is not None]
     if not present:
         raise LoraToolsError(f"{source}: no layer to fuse")
+    src = _unchanged_source(layers, modules)
+    if src is not None:  # as it was read (a copy marked fused: a rank rule may replace its factors)
+        return LoraLayer(down=src.down, up=src.up, alpha=src.alpha, rslora=src.rslora, magnitude=src.magnitude,
+                         magnitude_axis=src.magnitude_axis, meta={**src.meta, FUSED: [m.canonical for m, _ in present]})
     for m, la in present:
         if not isinstance(la, LoraLayer):
             raise LoraToolsError(f"{m.canonical}: {la.kind} layers cannot be stacked into the fused tensor {source}; "
                                  "convert them to LoRA first")
         if la.is_conv:
             raise LoraToolsError(f"{m.canonical}: a conv layer cannot be stacked into the fused tensor {source}")
+        want = sum(b - a for a, b in (row_blocks(m) or ((0, la.shape[0]),)))
+        if la.shape[0] != want:
+            raise LoraToolsError(f"{m.canonical}: ΔW has {la.shape[0]} rows, but its rows of the fused tensor "
+                                 f"{source} are {want}")
     first = present[0][1]
     dtype = first.up.dtype
     rows = max(b for m in modules for _, b in (row_blocks(m) or ((0, first.shape[0]),)))

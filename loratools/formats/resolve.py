@@ -115,13 +115,14 @@ def _candidates(name: str, layer) -> list[str]:
     return out
 
 
-def _lookup(naming, name: str, layer):
-    """``(canonical, convention)`` of a layer in a family's naming (the first module of a fused name), or None."""
+def _lookup(naming, name: str, layer, groups: bool = True):
+    """``(canonical, convention)`` of a layer in a family's naming (with ``groups``: the first module of a fused
+    name, for telling which family knows a layer), or None."""
     for cand in _candidates(name, layer):
         found = naming.lookup(cand)
         if found:
             return found
-    group = _group(naming, name, layer)
+    group = _group(naming, name, layer) if groups else None
     return (group[0][0].canonical, group[1]) if group else None
 
 
@@ -170,7 +171,7 @@ def _apply_family(adapter: Adapter, naming, family: str, base: Checkpoint | None
                 _put(renamed, canonical, part, name)
             hits += 1
             continue
-        found = _lookup(naming, name, layer)
+        found = _lookup(naming, name, layer, groups=False)
         if found is None or (base is not None and base.module_ref(found[0]) is None):
             _put(renamed, name, layer, name)
             continue
