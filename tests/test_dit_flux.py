@@ -427,3 +427,19 @@ def test_resize_of_an_sd_scripts_file_keeps_it_fused(tmp_path, cli):
     for stem, d in _fused_deltas(tmp_path / "r.safetensors").items():
         s = torch.linalg.svdvals(want[stem])
         assert abs(float((d - want[stem]).norm() / want[stem].norm()) - float(s[2:].norm() / s.norm())) <= 1e-5, stem
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "model.diffusion_model."])
+def test_checkpoint_keyed_lora_splits(prefix, tmp_path):
+    """LoRA keys named after the checkpoint tensors (ComfyUI's ``diffusion_model.``, the full state dict's
+    ``model.diffusion_model.``) split like sd-scripts stems."""
+    state = _sd_scripts_lora()
+    nm = get_family("flux_dev").naming(tiny().state_dict())
+    by_stem = {nm.kohya_stem(m.canonical, "original"): prefix + flux.strip_prefix(m.original) for m in nm.modules}
+    f = tmp_path / "ckpt_keys.safetensors"
+    save_file({by_stem[k.split(".")[0]] + "." + k.split(".", 1)[1]: v for k, v in state.items()}, str(f))
+    sds = tmp_path / "sds.safetensors"
+    save_file(state, str(sds))
+    a, b = load_adapter(f), load_adapter(sds)
+    assert a.family == "flux_dev" and set(a.layers) == set(b.layers) and len(a.layers) == 50
+    assert all(same_factors(a.layers[n], b.layers[n]) for n in a.layers)

@@ -45,8 +45,9 @@ from loratools.formats.fused import fuse_for_writing, is_grouped
 from loratools.formats.resolve import family_by_width, layer_naming
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
-#: the roots of ComfyUI's LoRA keys: the diffusion model and the text encoders
-ROOTS = ("diffusion_model.", "text_encoders.")
+#: the roots of ComfyUI's LoRA keys: the diffusion model and the text encoders (and the checkpoint's own
+#: ``model.diffusion_model.`` keys, which DiT LoRAs saved from a full ComfyUI state dict carry)
+ROOTS = ("diffusion_model.", "text_encoders.", "model.diffusion_model.")
 #: on-disk suffix → part; the first two are what the writer writes
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
             ".lora_A.weight": "down", ".lora_B.weight": "up"}
