@@ -443,3 +443,23 @@ def test_checkpoint_keyed_lora_splits(prefix, tmp_path):
     a, b = load_adapter(f), load_adapter(sds)
     assert a.family == "flux_dev" and set(a.layers) == set(b.layers) and len(a.layers) == 50
     assert all(same_factors(a.layers[n], b.layers[n]) for n in a.layers)
+
+
+def test_clip_l_layers_of_a_flux_lora(tmp_path):
+    """sd-scripts Flux LoRAs may train CLIP-L (``lora_te1_…``): those layers take SD1.x's CLIP-L names and every
+    convention carries them (diffusers ``text_encoder.…``, ComfyUI ``text_encoders.clip_l.…``)."""
+    state = _sd_scripts_lora()
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    g = torch.Generator().manual_seed(1)
+    state.update({f"{te}.lora_down.weight": torch.randn(4, 768, generator=g),
+                  f"{te}.lora_up.weight": torch.randn(768, 4, generator=g), f"{te}.alpha": torch.tensor(4.0)})
+    f = tmp_path / "te.safetensors"
+    save_file(state, str(f))
+    ad = load_adapter(f)
+    name = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    assert ad.family == "flux_dev" and len(ad.layers) == 51 and name in ad.layers
+    keys = load_file(str(write(tmp_path / "c.safetensors", "comfy", None, f)))
+    assert "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight" in keys
+    d = write(tmp_path / "d", "diffusers", None, f)
+    back = load_file(str(write(tmp_path / "k.safetensors", "kohya", None, d)))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())

@@ -287,6 +287,11 @@ class FluxFamily:
     name: str
     description: str
     default: FluxStructure
+    #: the family whose text-encoder names describe this one's CLIP-L (``text_encoder``): kohya ``lora_te1_`` /
+    #: ``lora_te_`` layers of Flux LoRAs are SD1.x's CLIP-L layers (T5 is not described)
+    text_encoder_family: str = "sd15"
+    #: sd-scripts' kohya prefix of Flux's CLIP-L layers (``lora_te1_``; T5 would be ``lora_te3_``)
+    kohya_text_encoder_prefix: str = "lora_te1_"
 
     def naming(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> FluxNaming:
         """Name maps for the default structure, or for the structure of a checkpoint key set."""

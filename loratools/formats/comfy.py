@@ -137,6 +137,12 @@ def _family(adapter: Adapter) -> str | None:
                          "differ; pass --base CKPT (the SD checkpoint it is for) or --family")
 
 
+def _text_encoder_naming(family: str | None):
+    """The names of a family's text encoder where it borrows another family's (Flux's CLIP-L: SD1.x's), else None."""
+    other = getattr(FAMILIES.get(family or ""), "text_encoder_family", None)
+    return naming_for(other) if other else None
+
+
 def comfy_keys(adapter: Adapter, layers: dict[str, Layer] | None = None) -> dict[str, str]:
     """Layer name → ComfyUI module key (of ``layers``, default the adapter's), or a one-line error for a layer no
     family names."""
@@ -149,6 +155,8 @@ def comfy_keys(adapter: Adapter, layers: dict[str, Layer] | None = None) -> dict
             key = name
         elif naming is not None and naming.is_canonical(name):
             key = naming.comfy_key(name)
+        elif (te := _text_encoder_naming(family)) is not None and te.is_canonical(name):  # Flux's CLIP-L: clip_l
+            key = te.comfy_key(name)
         elif naming is None:
             raise LoraToolsError(f"{name}: {NEEDS_FAMILY}")
         else:

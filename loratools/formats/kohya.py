@@ -18,7 +18,7 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.families import naming_for
+from loratools.families import FAMILIES, naming_for
 from loratools.formats.common import (
     atomic_path,
     embed_extra_tensors,
@@ -138,6 +138,15 @@ def family_stem(naming, name: str, layer: Layer, style: str | None) -> str | Non
     return naming.kohya_stem(name, style or "diffusers")
 
 
+def _text_encoder_stem(family: str | None, naming, name: str, layer: Layer) -> str | None:
+    """The stem of a text-encoder layer of a family that names it with its own prefix (Flux's CLIP-L:
+    ``lora_te1_``), the layer's source stem where it has one; None otherwise."""
+    prefix = getattr(FAMILIES.get(family or ""), "kohya_text_encoder_prefix", None)
+    if naming is None or prefix is None or split_component(name)[0] != "text_encoder":
+        return None
+    return layer.meta.get("kohya_stem") or prefix + mangle(split_component(name)[1])
+
+
 def _naming(adapter: Adapter, options: WriteOptions):
     """The adapter family's names, unless --component / --kohya-prefix ask for plain mangled stems."""
     plain = options.force_component or options.kohya_prefix is not None
@@ -174,7 +183,7 @@ def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOption
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
     for name, layer in layers.items():
-        stem = (family_stem(naming, name, layer, style)
+        stem = (family_stem(naming, name, layer, style) or _text_encoder_stem(adapter.family, naming, name, layer)
                 or stem_for(name, layer, adapter.resolved, prefix, component, force_component))
         if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
             mag = layer.magnitude.reshape(-1)

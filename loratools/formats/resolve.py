@@ -65,7 +65,8 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
         return layer_naming(family, adapter), family, "option"
     if base_family is not None:  # a diffusers layout: the names of a pipeline folder's own structure where known
         return base.family_naming() or layer_naming(base_family[0], adapter), base_family[0], "base"
-    fits = [f for f in FAMILIES if all(_lookup(naming_for(f), n, la) for n, la in adapter.layers.items())]
+    fits = [f for f in FAMILIES if all(_lookup(naming_for(f), n, la) or _text_encoder_lookup(f, n, la)
+                                       for n, la in adapter.layers.items())]
     if not fits:  # a family names an adapter only if it knows every one of its layers (LLM, CLIPModel: none)
         return None, None, None
     hint = adapter.provenance.get("family")
@@ -126,6 +127,14 @@ def _lookup(naming, name: str, layer, groups: bool = True):
     return (group[0][0].canonical, group[1]) if group else None
 
 
+def _text_encoder_lookup(family: str, name: str, layer):
+    """``(canonical, convention)`` of a text-encoder layer of a family that borrows another family's text-encoder
+    names (Flux's CLIP-L: SD1.x's), or None."""
+    other = getattr(FAMILIES.get(family), "text_encoder_family", None)
+    found = _lookup(naming_for(other), name, layer, groups=False) if other else None
+    return found if found and found[0].startswith("text_encoder.") else None
+
+
 def _group(naming, name: str, layer):
     """``(modules, convention)`` of a layer named after a fused or reordered tensor of the family, else None."""
     if not is_grouped(naming):
@@ -171,7 +180,7 @@ def _apply_family(adapter: Adapter, naming, family: str, base: Checkpoint | None
                 _put(renamed, canonical, part, name)
             hits += 1
             continue
-        found = _lookup(naming, name, layer, groups=False)
+        found = _lookup(naming, name, layer, groups=False) or _text_encoder_lookup(family, name, layer)
         if found is None or (base is not None and base.module_ref(found[0]) is None):
             _put(renamed, name, layer, name)
             continue
