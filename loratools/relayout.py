@@ -65,9 +65,11 @@ class FamilyView:
 
 
 def in_base_layout(base: Checkpoint, tuned: Checkpoint) -> Checkpoint | FamilyView:
-    """TUNED as it is, or — same family as BASE, another layout, BASE naming the family's modules — a
+    """TUNED as it is, or — same DiT family as BASE (Flux), another layout, BASE naming the family's modules — a
     :class:`FamilyView` of it in BASE's layout."""
     bf, tf = base.family(), tuned.family()
     if bf is None or tf is None or bf == tf or bf[0] != tf[0] or not base.family_refs():
+        return tuned
+    if not hasattr(base.family_naming(), "lookup_group"):  # DiT families only (SD across layouts: not checked yet)
         return tuned
     return FamilyView(base, tuned)
