@@ -133,21 +133,36 @@ def _one_line(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class ModuleRef:
     """Where a module's weight lives in a checkpoint: tensor ``key``, its row slice ``rows`` (fused projections:
-    OpenCLIP ``in_proj`` holds q, k, v), ``transpose`` where the tensor stores the weight transposed."""
+    OpenCLIP ``in_proj`` holds q, k, v), ``transpose`` where the tensor stores the weight transposed, ``row_order``
+    where the module's rows are the tensor's row blocks in another order (Flux ``norm_out.linear``: halves swapped)."""
 
     key: str
     rows: tuple[int, int] | None = None
     transpose: bool = False
+    row_order: tuple[tuple[int, int], ...] | None = None
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The module's weight out of the whole stored tensor."""
+        """The module's weight out of the whole stored tensor (a copy where rows are reordered)."""
+        if self.row_order is not None:
+            return torch.cat([tensor[a:b] for a, b in self.row_order], dim=0)
         if self.rows is not None:
             tensor = tensor[self.rows[0] : self.rows[1]]
         return tensor.T if self.transpose else tensor
 
     def put(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
         """Write the module's weight ``value`` back into the whole stored ``tensor`` (in place)."""
+        if self.row_order is not None:
+            i = 0
+            for a, b in self.row_order:
+                tensor[a:b].copy_(value[i : i + b - a])
+                i += b - a
+            return
         self.take(tensor).copy_(value)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the module's weight is the stored tensor as it is (no row slice, order or transpose)."""
+        return self.rows is None and not self.transpose and self.row_order is None
 
 
 class _Shapes(Mapping):
@@ -386,6 +401,14 @@ class Checkpoint:
         if not hasattr(self, "_family_naming"):
             self._family_naming = self.naming()
             fam = self.family()
+            if self._family_naming is None and fam is not None and fam[1] == "diffusers" and not self.is_pipeline:
+                from loratools.families import get_family, naming_for
+
+                try:  # a DiT family's diffusers transformer file or folder: its canonical modules, from its keys
+                    if hasattr(get_family(fam[0]), "naming_for_shapes"):
+                        self._family_naming = naming_for(fam[0], _Shapes(self))
+                except ValueError:
+                    self._family_naming = None
             if self._family_naming is None and self.is_pipeline and fam is not None:
                 from loratools.families import pipeline_naming
 
@@ -396,7 +419,7 @@ class Checkpoint:
                     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                         pass
                 try:
-                    self._family_naming = pipeline_naming(fam[0], configs, self.keys())
+                    self._family_naming = pipeline_naming(fam[0], configs, _Shapes(self))
                 except ValueError:
                     self._family_naming = None
         return self._family_naming
@@ -407,8 +430,7 @@ class Checkpoint:
         nm = self.family_naming()
         if nm is None:
             return {}
-        refs = self.module_refs()
-        return {m.canonical: refs[m.canonical] for m in nm.modules if m.canonical in refs}
+        return {m.canonical: ref for m in nm.modules if (ref := self.module_ref(m.canonical)) is not None}
 
     def module_refs(self) -> dict[str, ModuleRef]:
         """{module name → where its weight lives}: canonical names (``unet.down_blocks…``) with row slices of fused
@@ -417,7 +439,7 @@ class Checkpoint:
         if not hasattr(self, "_refs"):
             nm = self.naming()
             if nm is not None:
-                self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose)
+                self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose, getattr(m, "row_order", None))
                               for m in nm.modules if m.weight_key in self._where}
             elif self.is_pipeline:
                 self._refs = {}

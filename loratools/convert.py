@@ -266,7 +266,7 @@ def convert_adapter(
         if identity_dora and new.magnitude is None:
             _identity_magnitude(new, _base_weight(base, name), dtype)
             row.action += "+identity magnitude"
-        for key in ("kohya_stem", "component", "alpha_dtype"):
+        for key in ("kohya_stem", "component", "alpha_dtype", "fused"):
             if key in layer.meta and key not in new.meta:
                 new.meta[key] = layer.meta[key]
         layers[name] = new

@@ -57,6 +57,7 @@ from loratools.distributed import parallel_map
 from loratools.errors import LoraToolsError
 from loratools.linalg import RankRule, frobenius_sq, krylov_fits, lora_from_svd, randomized_svd, truncated_svd
 from loratools.quant import dequantize, lora_dtype, noise_floor_sq, noise_only, noise_warnings, unit_noise
+from loratools.relayout import in_base_layout
 from loratools.stats import spectrum_stats
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -234,7 +235,7 @@ class TensorPair:
     @property
     def whole(self) -> bool:
         """Whether the module's weight is the whole tensor as stored (no row slice, not transposed)."""
-        return self.ref is None or (self.ref.rows is None and not self.ref.transpose)
+        return self.ref is None or self.ref.whole
 
     def units(self) -> tuple[TensorPair, ...]:
         """The modules this tensor holds: its ``parts``, or the pair itself."""
@@ -324,7 +325,7 @@ def pair_tensors(
     if naming is not None:
         for name, ref in base.family_refs().items():
             by_key.setdefault(ref.key, []).append((name, ref))
-            if ref.rows is None and not ref.transpose and ref.key.endswith(".weight"):
+            if ref.whole and ref.key.endswith(".weight"):
                 owner[ref.key[: -len("weight")] + "bias"] = name
     for key in tkeys:
         aux = tuned.quant.reason(key) or base.quant.reason(key)
@@ -613,7 +614,7 @@ def extract(
     opt = options or ExtractOptions()
     t0 = time.perf_counter()
     bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    tck = in_base_layout(bck, tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned))
     if opt.clamp_quantile is not None and not 0 < opt.clamp_quantile <= 1:
         raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
     device = resolve_device(opt.device)
@@ -783,7 +784,7 @@ def spectrum(
         raise LoraToolsError(f"--top must be ≥ 1, got {top}")
     t0 = time.perf_counter()
     bck = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    tck = in_base_layout(bck, tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned))
     dev = resolve_device(device)
     family = family_of(bck, tck)
     pairs, skipped = pair_tensors(bck, tck, include, exclude)

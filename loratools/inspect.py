@@ -11,6 +11,7 @@ from loratools.checkpoint import Checkpoint
 from loratools.formats import load_adapter
 from loratools.formats.experts import coverage, expert_matcher
 from loratools.stats import adapter_summary, layer_report
+from loratools.trainer import guess_trainer
 
 Progress = Callable[[Iterable, int], Iterable]
 
@@ -47,6 +48,7 @@ def inspect_adapter(
     conventions = Counter(la.meta["convention"] for la in adapter.layers.values() if la.meta.get("convention"))
     summary["family"] = adapter.family
     summary["convention"] = conventions.most_common(1)[0][0] if conventions else adapter.format
+    summary["trainer"] = guess_trainer(adapter)
     if ckpt is not None:
         summary["unmatched"] = unmatched
         summary["base"] = str(base)

@@ -257,6 +257,17 @@ class Quantization:
 BLOCK_ELEMS = 1 << 22
 
 
+class Dequantized(Quantization):
+    """The quantization of a view whose reads are already dequantized (:class:`loratools.relayout.FamilyView`): no
+    scales, no markers, no fp8 noise analysis (its keys name another checkpoint's tensors)."""
+
+    def __init__(self, ckpt) -> None:
+        self.ckpt, self.scales, self.aux, self.notes, self.scaled, self._configs = ckpt, {}, {}, [], False, {}
+
+    def fp8_dtype(self, key: str) -> torch.dtype | None:
+        return None
+
+
 def _row_blocks(mat: torch.Tensor):
     """``(first row, rows)`` blocks of about ``BLOCK_ELEMS`` elements of a 2-D tensor."""
     rows = max(1, BLOCK_ELEMS // max(mat.shape[1], 1))

@@ -273,8 +273,8 @@ def test_family_from_names_and_sd1_sd2_ambiguity(tmp_path):
 
 
 def test_unknown_comfy_keys_pass_through(tmp_path):
-    """A ComfyUI key no SD family describes (another ComfyUI model) is read and written as it is."""
-    key = "diffusion_model.double_blocks.0.img_attn.qkv"
+    """A ComfyUI key no family describes (another ComfyUI model) is read and written as it is."""
+    key = "diffusion_model.unknown_blocks.0.img_attn.qkv"
     f, out = tmp_path / "flux.safetensors", tmp_path / "out.safetensors"
     src = {f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(24, 2),
            f"{key}.alpha": torch.tensor(2.0)}

@@ -29,7 +29,7 @@ from diffusers.utils.state_dict_utils import (
 from sd_models import CHECKPOINTS, text_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from loratools.families import FAMILIES, ModuleMap, detect_family, get_family, sd
+from loratools.families import ModuleMap, detect_family, get_family, sd
 
 
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
@@ -187,7 +187,7 @@ def test_default_structures_match_full_size_models(family, unet_cfg, tes):
 
 # ----------------------------------------------------------------------------------- name round trips
 def _namings():
-    out = [(name, f.naming()) for name, f in FAMILIES.items()]
+    out = [(name, f.naming()) for name, f in sd.SD_FAMILIES.items()]
     for name, make in CHECKPOINTS.items():
         out.append((f"tiny-{name}", get_family(name).naming(make().ckpt)))
     return out

@@ -163,7 +163,9 @@ def _peft_folder(folder, modules):
 
 @pytest.mark.parametrize("modules,component,diffusers_root,kohya_prefix", [
     (["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out", "context_embedder"], None,
-     "transformer", "lora_transformer_"),  # a DiT adapter: every layer goes to the transformer, not unet
+     "transformer", "lora_unet_"),  # a Flux adapter: diffusers transformer keys; kohya = sd-scripts' BFL
+    (["transformer_blocks.0.attn.to_q", "foo_blocks.0.proj_out"], None, "transformer", "lora_transformer_"),  # a DiT
+    # adapter no family knows: every layer still goes to the transformer, not unet
     (["text_model.encoder.layers.0.self_attn.q_proj"], None, "text_encoder", "lora_te_"),
     (["down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.proj_out"], None, "unet", "lora_unet_"),
     (["transformer_blocks.0.attn.to_q", "context_embedder"], "text_encoder_2", "text_encoder_2", "lora_te2_"),

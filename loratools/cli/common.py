@@ -34,7 +34,8 @@ FORMATS = ("peft", "kohya", "diffusers", "comfy", "gguf")  # loratools.formats.F
 MERGE_METHODS = ("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
                  "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # loratools.merge.METHODS
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # formats.common.COMPONENTS
-FAMILIES = ("sd15", "sd2", "sdxl", "sdxl_refiner")  # loratools.families.FAMILIES
+FAMILIES = ("sd15", "sd2", "sdxl", "sdxl_refiner", "flux_dev", "flux_schnell")  # loratools.families.FAMILIES
+FAMILY_ALIASES = ("flux",)  # loratools.families.ALIASES
 
 DTYPES = {
     "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
@@ -258,7 +259,7 @@ def from_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 format_option = in_format_option  # the old name, for plugins importing it
 family_option = click.option(
-    "--family", default="auto", type=click.Choice(["auto", *FAMILIES]), show_default=True,
+    "--family", default="auto", type=click.Choice(["auto", *FAMILIES, *FAMILY_ALIASES]), show_default=True,
     help="Model family whose names the adapter/base use (auto: from the base checkpoint, else the adapter's keys).")
 kohya_style_option = click.option(
     "--kohya-style", type=click.Choice(["diffusers", "original"]), default=None,

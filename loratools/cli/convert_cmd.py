@@ -73,6 +73,7 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     from loratools.formats import (
         check_base_for,
         check_output_name,
+        fuse_for,
         load_adapter,
         output_is_folder,
         save_adapter,
@@ -89,6 +90,8 @@ def convert_command(adapter, to_format, out, base, in_format, rank, energy, rati
     dt = parse_dtype(dtype)
     ckpt = Checkpoint(base) if base else None
     ad = load_adapter(adapter, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite, family=family)
+    if rule is not None:  # a fused output's rank rule truncates the fused ΔW it stores (optimal for that tensor)
+        fuse_for(ad, to_format, kohya_style)
     check_convertible(ad, to_format, fold_dora, ckpt)
     new, rows = convert_adapter(ad, to_format, rule=rule, fold_dora=fold_dora, base=ckpt, dtype=dt,
                                 progress=lambda it, n: progress(it, n, "convert", quiet))

@@ -74,7 +74,9 @@ def inspect_command(adapter, base, in_format, as_json, plot, top, allow_nonfinit
     s = report["summary"]
     click.echo("")
     lines = [
-        ("format", s["format"]), ("family", f"{s['family'] or 'none recognised'} (names: {s['convention']})"), ("layers", s["layers"]), ("conv layers", s["conv_layers"]),
+        ("format", s["format"]), ("family", f"{s['family'] or 'none recognised'} (names: {s['convention']})"),
+        *([("written by", s["trainer"])] if s.get("trainer") else []),
+        ("layers", s["layers"]), ("conv layers", s["conv_layers"]),
         ("params", f"{s['params']:,}"), ("ranks", ", ".join(map(str, s["ranks"]))),
         ("names resolved", "yes" if s["names_resolved"] else "no (kohya stems; pass --base to resolve)"),
     ]

@@ -77,6 +77,7 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     from loratools.formats import (
         check_base_for,
         check_output_name,
+        fuse_for,
         load_adapter,
         output_is_folder,
         save_adapter,
@@ -97,6 +98,8 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
         check_base_for(to_format, base)
     ad = load_adapter(adapter, format=in_format, base=base, allow_nonfinite=allow_nonfinite, family=family)
     check_output_name(to_format or ad.format, out_path)
+    if rule is not None:  # a fused output (Flux in sd-scripts / ComfyUI names): the rule acts on the fused ΔW it stores
+        fuse_for(ad, to_format or ad.format, kohya_style)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
                                  progress=lambda it, n: progress(it, n, "resize", quiet))
     if worker_done():

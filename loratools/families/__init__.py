@@ -16,24 +16,31 @@ from typing import Any
 from . import flux, sd
 from .base import LAYOUTS, ModuleMap
 
-#: the families loratools resolves adapters and checkpoints with (every format knows their conventions)
-FAMILIES: dict[str, sd.SDFamily] = dict(sd.SD_FAMILIES)
-#: every described family, including those not wired into name resolution yet: Flux.1 (``flux``) is described and
-#: tested against diffusers' converters, and joins FAMILIES once the formats write its fused projections
-DESCRIBED: dict[str, Any] = {**FAMILIES, **flux.FLUX_FAMILIES}
+#: the families loratools resolves adapters and checkpoints with (every format knows their conventions): the Stable
+#: Diffusion UNets and the Flux.1 transformers (fused projections split on reading, fused again by fused conventions)
+FAMILIES: dict[str, Any] = {**sd.SD_FAMILIES, **flux.FLUX_FAMILIES}
+#: every described family (all of them are registered now; kept for callers of the old name)
+DESCRIBED: dict[str, Any] = FAMILIES
+#: other names users give a family (``--family flux``)
+ALIASES: dict[str, str] = {"flux": "flux_dev"}
 
 
-def get_family(name: str) -> sd.SDFamily:
-    """The registered family called ``name`` (ValueError naming the known ones otherwise)."""
+def family_name(name: str) -> str:
+    """A family name with its alias resolved (``flux`` → ``flux_dev``); unknown names unchanged."""
+    return ALIASES.get(name, name)
+
+
+def get_family(name: str) -> Any:
+    """The registered family called ``name`` or one of its aliases (ValueError naming the known ones otherwise)."""
     try:
-        return FAMILIES[name]
+        return FAMILIES[family_name(name)]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
 def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
     """``(family, layout)`` of a checkpoint key set, layout one of ``LAYOUTS``; None if no family fits."""
-    return sd.detect(keys)
+    return detect_described_family(keys)
 
 
 def naming_for(family: str, keys: Iterable[str] | Mapping[str, Any] | None = None):
@@ -41,15 +48,37 @@ def naming_for(family: str, keys: Iterable[str] | Mapping[str, Any] | None = Non
     return get_family(family).naming(keys)
 
 
+def naming_for_layers(family: str, shapes: Mapping[str, tuple[int, ...]]):
+    """Name maps of ``family`` in the structure an adapter's layers imply (``shapes``: layer name in any convention →
+    ΔW shape; row slices of fused tensors depend on it), or its default structure for families without that need."""
+    fam = get_family(family)
+    shaped = getattr(fam, "naming_for_shapes", None)
+    return shaped(shapes) if shaped is not None else fam.naming()
+
+
 def pipeline_naming(family: str, configs: Mapping[str, Mapping[str, Any]], keys: Iterable[str] = ()):
     """Name maps of ``family`` in the structure of a diffusers pipeline folder (its components' configs)."""
     fam = get_family(family)
+    if isinstance(fam, flux.FluxFamily):  # a diffusers transformer: its structure from the folder's keys
+        return flux.FluxNaming(fam, flux.FluxStructure.from_keys(_transformer_keys(keys)))
     return sd.SDNaming(fam, sd.structure_from_pipeline(family, configs, keys))
+
+
+def _transformer_keys(keys: Iterable[str] | Mapping[str, Any]) -> Mapping[str, Any] | list[str]:
+    """A pipeline folder's transformer keys (``transformer.`` dropped; with their values for a mapping of shapes);
+    all keys where none has that component."""
+    ks = list(keys)
+    inner = [k for k in ks if k.startswith("transformer.")]
+    if not inner:
+        return keys if isinstance(keys, Mapping) else ks
+    if isinstance(keys, Mapping):
+        return {k[len("transformer."):]: keys[k] for k in inner}
+    return [k[len("transformer."):] for k in inner]
 
 
 def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
     """``(family, convention)`` of an adapter's module names or keys, or None if no family knows them."""
-    return sd.detect_adapter(names)
+    return detect_described_adapter(names)
 
 
 def detect_described_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
@@ -82,4 +111,4 @@ def detect_described_adapter(names: Iterable[str]) -> tuple[str, str] | None:
     return fl[0], fl[1]
 
 
-__all__ = ["DESCRIBED", "FAMILIES", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]
+__all__ = ["ALIASES", "DESCRIBED", "FAMILIES", "family_name", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "naming_for_layers", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]

@@ -48,6 +48,7 @@ from functools import cache
 from typing import Any
 
 from .base import ModuleMap
+from .dit import DiTNaming
 from .sd import adapter_module
 
 #: prefixes a BFL transformer key may carry in a checkpoint (longest first)
@@ -286,6 +287,11 @@ class FluxFamily:
     name: str
     description: str
     default: FluxStructure
+    #: the family whose text-encoder names describe this one's CLIP-L (``text_encoder``): kohya ``lora_te1_`` /
+    #: ``lora_te_`` layers of Flux LoRAs are SD1.x's CLIP-L layers (T5 is not described)
+    text_encoder_family: str = "sd15"
+    #: sd-scripts' kohya prefix of Flux's CLIP-L layers (``lora_te1_``; T5 would be ``lora_te3_``)
+    kohya_text_encoder_prefix: str = "lora_te1_"
 
     def naming(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> FluxNaming:
         """Name maps for the default structure, or for the structure of a checkpoint key set."""
@@ -297,6 +303,44 @@ class FluxFamily:
         """``(name, layout)`` when a checkpoint key set is this family, else None."""
         got = detect(keys)
         return got if got is not None and got[0] == self.name else None
+
+    def naming_for_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> FluxNaming:
+        """Name maps in the structure an *adapter's* layers imply: ``shapes`` maps layer names (any convention,
+        fused ones included) to ΔW shapes. The hidden size comes from the input width of a block's q/k/v,
+        modulation or MLP input, the MLP width from ``proj_mlp`` (or ``linear1``); block counts are at least the
+        default's. The default structure where the layers tell nothing."""
+        nm = _default_naming(self.name)
+        hidden = mlp = None
+        counts = {"transformer_blocks": self.default.num_double, "single_transformer_blocks": self.default.num_single}
+        fused_rows: list[int] = []
+        for name, shape in shapes.items():
+            got = nm.lookup_group(name)
+            if got is None or len(shape) != 2:
+                continue
+            mods = got[0]
+            for m in mods:
+                block = re.match(r"transformer\.((?:single_)?transformer_blocks)\.(\d+)\.", m.canonical)
+                if block:
+                    counts[block.group(1)] = max(counts[block.group(1)], int(block.group(2)) + 1)
+            path = mods[0].path
+            if _HIDDEN_INPUT.search(path):
+                hidden = int(shape[1])
+            if len(mods) == 1 and path.endswith(".proj_mlp"):
+                mlp = int(shape[0])
+            if len(mods) == 4:
+                fused_rows.append(int(shape[0]))
+        if hidden is None:
+            return nm
+        if mlp is None:
+            mlp = fused_rows[0] - 3 * hidden if fused_rows else 4 * hidden
+        st = FluxStructure(counts["transformer_blocks"], counts["single_transformer_blocks"], hidden, mlp,
+                           self.default.guidance)
+        return nm if st == self.default else FluxNaming(self, st)
+
+
+#: modules whose input width is the hidden size (a block's attention projections, modulation and MLP input)
+_HIDDEN_INPUT = re.compile(r"(?:attn\.(?:to_[qkv]|add_[qkv]_proj)|proj_mlp|norm1(?:_context)?\.linear|norm\.linear"
+                           r"|ff(?:_context)?\.net\.0\.proj)$")
 
 
 FLUX_FAMILIES: dict[str, FluxFamily] = {
@@ -354,7 +398,7 @@ def _mangle(path: str) -> str:
     return path.replace(".", "_")
 
 
-class FluxNaming:
+class FluxNaming(DiTNaming):
     """All name conventions of one Flux structure; ``modules`` lists every mapped module in model order.
 
     Mangled names (kohya, OneTrainer, LyCORIS) are resolved through a table of every generated name,

@@ -82,6 +82,19 @@ def drop_empty_layers(adapter: Adapter, why: str = "") -> None:
     adapter.warnings.append(f"{len(empty)} layer(s) have rank 0{why} (e.g. {empty[0]}); dropped")
 
 
+def fuse_for(adapter: Adapter, format: str, kohya_style: str | None = None) -> bool:
+    """Group ``adapter``'s layers in place as ``format``'s file will hold them (a DiT family's fused tensors in
+    sd-scripts / ComfyUI names), so that rank rules act on the fused ΔW the file stores; notes go to the adapter's
+    warnings. Returns whether anything was grouped."""
+    spec = writer_of(format)
+    got = spec.fused_layers(adapter, WriteOptions(kohya_style=kohya_style)) if spec.fused_layers else None
+    if got is None:
+        return False
+    adapter.layers, notes = got
+    adapter.warnings.extend(notes)
+    return True
+
+
 def refusal(format: str, layers: dict[str, Layer]) -> str | None:
     """The first reason ``format`` cannot hold one of ``layers`` (``"<name>: <why>"``), or None."""
     spec = writer_of(format)

@@ -41,11 +41,13 @@ from loratools.formats.common import (
     take_embedding_marks,
     take_peft_config,
 )
-from loratools.formats.resolve import family_by_width
+from loratools.formats.fused import fuse_for_writing, is_grouped
+from loratools.formats.resolve import family_by_width, layer_naming
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
-#: the roots of ComfyUI's LoRA keys: the diffusion model and the text encoders
-ROOTS = ("diffusion_model.", "text_encoders.")
+#: the roots of ComfyUI's LoRA keys: the diffusion model and the text encoders (and the checkpoint's own
+#: ``model.diffusion_model.`` keys, which DiT LoRAs saved from a full ComfyUI state dict carry)
+ROOTS = ("diffusion_model.", "text_encoders.", "model.diffusion_model.")
 #: on-disk suffix → part; the first two are what the writer writes
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
             ".lora_A.weight": "down", ".lora_B.weight": "up"}
@@ -135,17 +137,26 @@ def _family(adapter: Adapter) -> str | None:
                          "differ; pass --base CKPT (the SD checkpoint it is for) or --family")
 
 
-def comfy_keys(adapter: Adapter) -> dict[str, str]:
-    """Layer name → ComfyUI module key, or a one-line error for a layer no SD family names."""
+def _text_encoder_naming(family: str | None):
+    """The names of a family's text encoder where it borrows another family's (Flux's CLIP-L: SD1.x's), else None."""
+    other = getattr(FAMILIES.get(family or ""), "text_encoder_family", None)
+    return naming_for(other) if other else None
+
+
+def comfy_keys(adapter: Adapter, layers: dict[str, Layer] | None = None) -> dict[str, str]:
+    """Layer name → ComfyUI module key (of ``layers``, default the adapter's), or a one-line error for a layer no
+    family names."""
     family = _family(adapter)
     naming = naming_for(family) if family in FAMILIES else None
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
-    for name in adapter.layers:
+    for name in adapter.layers if layers is None else layers:
         if is_comfy_name(name):
             key = name
         elif naming is not None and naming.is_canonical(name):
             key = naming.comfy_key(name)
+        elif (te := _text_encoder_naming(family)) is not None and te.is_canonical(name):  # Flux's CLIP-L: clip_l
+            key = te.comfy_key(name)
         elif naming is None:
             raise LoraToolsError(f"{name}: {NEEDS_FAMILY}")
         else:
@@ -157,16 +168,28 @@ def comfy_keys(adapter: Adapter) -> dict[str, str]:
     return out
 
 
+def fused_layers(adapter: Adapter, options: WriteOptions) -> tuple[dict[str, Layer], list[str]] | None:
+    """A DiT family's layers as ComfyUI keys hold them: one block-diagonal LoRA per fused BFL tensor; else None."""
+    family = _family(adapter)
+    if family not in FAMILIES or not is_grouped(naming_for(family)):
+        return None
+    return fuse_for_writing(adapter.layers, layer_naming(family, adapter))
+
+
 def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
     if options.force_component:
         raise LoraToolsError("--component does not apply to comfy output: ComfyUI keys come from the model family")
     if options.kohya_prefix:
         raise LoraToolsError("--kohya-prefix does not apply to comfy output")
     dtype = options.dtype
-    keys = comfy_keys(adapter)
+    fused = fused_layers(adapter, options)
+    layers = adapter.layers if fused is None else fused[0]
+    if fused is not None:
+        adapter.warnings.extend(fused[1])
+    keys = comfy_keys(adapter, layers)
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
-    for name, layer in adapter.layers.items():
+    for name, layer in layers.items():
         key = keys[name]
         if layer.embedding:
             embeddings.append(key)
@@ -198,5 +221,5 @@ def refuse(name: str, layer: Layer) -> str | None:
 FORMAT = AdapterFormat(
     name="comfy", summary="ComfyUI-native single .safetensors (diffusion_model.… / text_encoders.clip_l.… keys, .alpha)",
     folder=False, read=lambda path: read_single_file(path, read_tensors_map), write=write, claims=is_comfy_key,
-    refuse=refuse,
+    refuse=refuse, fused_layers=fused_layers,
 )

@@ -18,7 +18,7 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.families import naming_for
+from loratools.families import FAMILIES, naming_for
 from loratools.formats.common import (
     atomic_path,
     embed_extra_tensors,
@@ -32,6 +32,7 @@ from loratools.formats.common import (
     take_embedding_marks,
     take_peft_config,
 )
+from loratools.formats.fused import fuse_for_writing, is_grouped
 from loratools.formats.naming import (
     COMPONENT_PREFIX,
     layer_component,
@@ -40,6 +41,7 @@ from loratools.formats.naming import (
     split_prefix,
     tag_stem,
 )
+from loratools.formats.resolve import layer_naming
 from loratools.formats.spec import AdapterFormat, WriteOptions
 
 #: model family → (ss_base_model_version, modelspec architecture), as sd-scripts (library/sai_model_spec.py) writes them
@@ -136,14 +138,52 @@ def family_stem(naming, name: str, layer: Layer, style: str | None) -> str | Non
     return naming.kohya_stem(name, style or "diffusers")
 
 
+def _text_encoder_stem(family: str | None, naming, name: str, layer: Layer) -> str | None:
+    """The stem of a text-encoder layer of a family that names it with its own prefix (Flux's CLIP-L:
+    ``lora_te1_``), the layer's source stem where it has one; None otherwise."""
+    prefix = getattr(FAMILIES.get(family or ""), "kohya_text_encoder_prefix", None)
+    if naming is None or prefix is None or split_component(name)[0] != "text_encoder":
+        return None
+    return layer.meta.get("kohya_stem") or prefix + mangle(split_component(name)[1])
+
+
+def _naming(adapter: Adapter, options: WriteOptions):
+    """The adapter family's names, unless --component / --kohya-prefix ask for plain mangled stems."""
+    plain = options.force_component or options.kohya_prefix is not None
+    return naming_for(adapter.family) if adapter.family and not plain else None
+
+
+def _style(adapter: Adapter, naming, options: WriteOptions) -> str | None:
+    """The kohya stem style: asked, else (DiT families) the input's own where every layer came in OneTrainer's
+    ``lora_transformer_`` stems, else the family's default (Flux: sd-scripts' "original")."""
+    if options.kohya_style or naming is None or not is_grouped(naming):
+        return options.kohya_style
+    if all(la.meta.get("convention") == "kohya_diffusers" for la in adapter.layers.values()):
+        return "diffusers"
+    return getattr(naming, "kohya_default_style", "original")
+
+
+def fused_layers(adapter: Adapter, options: WriteOptions) -> tuple[dict[str, Layer], list[str]] | None:
+    """A DiT family's layers in "original" style: one block-diagonal LoRA per fused BFL tensor; else None."""
+    naming = _naming(adapter, options)
+    if naming is None or not is_grouped(naming) or _style(adapter, naming, options) != "original":
+        return None
+    return fuse_for_writing(adapter.layers, layer_naming(adapter.family, adapter))
+
+
 def write(adapter: Adapter, out: Path, force: bool = False, options: WriteOptions = WriteOptions()) -> None:
     dtype, prefix, component, force_component = (options.dtype, options.kohya_prefix, options.component,
                                                   options.force_component)
-    naming = naming_for(adapter.family) if adapter.family and not force_component and prefix is None else None
+    naming = _naming(adapter, options)
+    style = _style(adapter, naming, options)
+    fused = fused_layers(adapter, options)
+    layers = adapter.layers if fused is None else fused[0]
+    if fused is not None:
+        adapter.warnings.extend(fused[1])
     tensors: dict[str, torch.Tensor] = {}
     embeddings: list[str] = []
-    for name, layer in adapter.layers.items():
-        stem = (family_stem(naming, name, layer, options.kohya_style)
+    for name, layer in layers.items():
+        stem = (family_stem(naming, name, layer, style) or _text_encoder_stem(adapter.family, naming, name, layer)
                 or stem_for(name, layer, adapter.resolved, prefix, component, force_component))
         if layer.magnitude is not None:  # LyCORIS dora_scale: [out, 1, …] per output row, [1, in, …] per input column
             mag = layer.magnitude.reshape(-1)
@@ -237,5 +277,5 @@ def refuse(name: str, layer: Layer) -> str | None:
 FORMAT = AdapterFormat(
     name="kohya", summary="kohya / sd-scripts single .safetensors (lora_unet_… stems, .alpha; LoCon; dora_scale)",
     folder=False, read=lambda path: read_single_file(path, read_tensors_map), write=write, claims=is_kohya_key,
-    refuse=refuse, dora="lycoris", priority=1,
+    refuse=refuse, dora="lycoris", priority=1, fused_layers=fused_layers,
 )

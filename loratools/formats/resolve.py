@@ -21,8 +21,10 @@ import re
 from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
-from loratools.families import FAMILIES, detect_adapter, naming_for
+from loratools.families import FAMILIES, detect_adapter, family_name, naming_for, naming_for_layers
+from loratools.families.dit import original_conventions
 from loratools.formats.experts import expert_matcher
+from loratools.formats.fused import is_grouped, row_blocks, split_layer
 from loratools.formats.naming import KOHYA_PREFIXES, mangle, split_component, split_prefix
 
 AUTO = "auto"
@@ -51,6 +53,7 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
     names (``adapter.provenance["family"]``, e.g. kohya's ``ss_base_model_version``: "metadata"), the family whose
     names the adapter uses ("names")."""
     explicit = family not in (None, AUTO)
+    family = family_name(family) if explicit else family
     if explicit and family not in FAMILIES:
         raise LoraToolsError(f"unknown --family {family!r}; expected auto or one of {', '.join(FAMILIES)}")
     base_family = base.family() if base is not None else None
@@ -60,18 +63,25 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
         _check_same_family(adapter, base_family[0], base)
         return base.naming(), base_family[0], "base"
     if explicit:
-        return naming_for(family), family, "option"
+        return layer_naming(family, adapter), family, "option"
     if base_family is not None:  # a diffusers layout: the names of a pipeline folder's own structure where known
-        return base.family_naming() or naming_for(base_family[0]), base_family[0], "base"
-    fits = [f for f in FAMILIES if all(_lookup(naming_for(f), n, la) for n, la in adapter.layers.items())]
-    if not fits:  # a family names an adapter only if it knows every one of its layers (LLM, Flux, CLIPModel: none)
+        return base.family_naming() or layer_naming(base_family[0], adapter), base_family[0], "base"
+    fits = [f for f in FAMILIES if all(_lookup(naming_for(f), n, la) or _text_encoder_lookup(f, n, la)
+                                       for n, la in adapter.layers.items())]
+    if not fits:  # a family names an adapter only if it knows every one of its layers (LLM, CLIPModel: none)
         return None, None, None
     hint = adapter.provenance.get("family")
     if hint in fits:  # the adapter's own metadata says which (kohya ss_base_model_version)
-        return naming_for(hint), hint, "metadata"
+        return layer_naming(hint, adapter), hint, "metadata"
     by_width = family_by_width(adapter) if len(fits) > 1 else None
     chosen = by_width if by_width in fits else fits[0]
-    return naming_for(chosen), chosen, "names" if len(fits) == 1 or by_width in fits else "names-ambiguous"
+    return (layer_naming(chosen, adapter), chosen,
+            "names" if len(fits) == 1 or by_width in fits else "names-ambiguous")
+
+
+def layer_naming(family: str, adapter: Adapter):
+    """The family's name maps in the structure ``adapter``'s layer shapes imply (DiT row slices depend on them)."""
+    return naming_for_layers(family, {c: la.shape for n, la in adapter.layers.items() for c in _candidates(n, la)})
 
 
 #: SD1.x and SD2.x share every canonical name but not their text encoder: the width of the text encoder and of the
@@ -107,12 +117,36 @@ def _candidates(name: str, layer) -> list[str]:
     return out
 
 
-def _lookup(naming, name: str, layer):
-    """``(canonical, convention)`` of a layer in a family's naming, or None."""
+def _lookup(naming, name: str, layer, groups: bool = True):
+    """``(canonical, convention)`` of a layer in a family's naming (with ``groups``: the first module of a fused
+    name, for telling which family knows a layer), or None."""
     for cand in _candidates(name, layer):
         found = naming.lookup(cand)
         if found:
             return found
+    group = _group(naming, name, layer) if groups else None
+    return (group[0][0].canonical, group[1]) if group else None
+
+
+def _text_encoder_lookup(family: str, name: str, layer):
+    """``(canonical, convention)`` of a text-encoder layer of a family that borrows another family's text-encoder
+    names (Flux's CLIP-L: SD1.x's), or None."""
+    other = getattr(FAMILIES.get(family), "text_encoder_family", None)
+    found = _lookup(naming_for(other), name, layer, groups=False) if other else None
+    return found if found and found[0].startswith("text_encoder.") else None
+
+
+def _group(naming, name: str, layer):
+    """``(modules, convention)`` of a layer named after a fused or reordered tensor of the family, else None."""
+    if not is_grouped(naming):
+        return None
+    for cand in _candidates(name, layer):
+        found = naming.lookup_group(cand)
+        if found:
+            mods, convention = found
+            if len(mods) > 1 or (row_blocks(mods[0]) is not None and convention in original_conventions(naming)):
+                return found
+            return None
     return None
 
 
@@ -138,7 +172,16 @@ def _apply_family(adapter: Adapter, naming, family: str, base: Checkpoint | None
     renamed: dict = {}
     hits = 0
     for name, layer in adapter.layers.items():
-        found = _lookup(naming, name, layer)
+        group = _group(naming, name, layer)
+        if group is not None and (base is None or all(base.module_ref(m.canonical) for m in group[0])):
+            mods, convention = group  # fused → split, exact (formats/fused.py)
+            for canonical, part in split_layer(layer, mods, f"{adapter.source}: {name}", len(mods) > 1).items():
+                part.meta["component"] = split_component(canonical)[0]
+                part.meta["convention"] = convention
+                _put(renamed, canonical, part, name)
+            hits += 1
+            continue
+        found = _lookup(naming, name, layer, groups=False) or _text_encoder_lookup(family, name, layer)
         if found is None or (base is not None and base.module_ref(found[0]) is None):
             _put(renamed, name, layer, name)
             continue

@@ -60,6 +60,9 @@ class AdapterFormat:
       recognise a file by its signature (GGUF's magic).
     * ``check_base(path | None)``: formats that need the base model to write (GGUF) check the user's ``--base``
       here, before any work (None: no ``--base`` given), and raise a one-line error; None where no base is needed.
+    * ``fused_layers(adapter, options)``: the layers as this format's file holds them where that differs from the
+      canonical split modules (DiT fused projections in sd-scripts / ComfyUI names: see :mod:`loratools.formats.fused`),
+      with notes for the report; None where the layers are written as they are.
     * ``plain_lora_metadata(metadata, layers)``: the source metadata once ``convert`` made every layer plain LoRA
       (LyCORIS rewrites its network module and algo); None keeps it as it is.
     """
@@ -79,3 +82,4 @@ class AdapterFormat:
     plain_lora_metadata: Callable[[dict[str, str], dict[str, Layer]], dict[str, str]] | None = None
     suffix: str = ".safetensors"
     check_base: Callable[[Path | None], None] | None = None
+    fused_layers: Callable[[Adapter, WriteOptions], tuple[dict[str, Layer], list[str]] | None] | None = None

@@ -1,0 +1,111 @@
+"""Benchmark fused ↔ split conversion of a full-size Flux.1 LoRA (19 double + 38 single blocks, hidden 3072).
+
+Run by hand (not part of the test suite)::
+
+    python benchmarks/bench_flux_fused.py [--rank 16] [--dir /tmp/flux_bench]
+
+1. Writes a diffusers-format Flux LoRA (every Linear of ``FluxTransformer2DModel``'s blocks, bf16, rank ``--rank``,
+   random factors) to ``--dir``.
+2. In fresh child processes (peak RSS = ``ru_maxrss`` of that child alone), times
+   ``loratools convert … --to kohya`` (split → fused: block-diagonal stacks), ``--to diffusers`` back (fused →
+   split) and ``--to comfy --rank R`` (the fused ΔW truncated optimally).
+3. Checks exactness: the split → fused → split ΔW of every module against the source (max relative Frobenius
+   error, float64), and prints times, peak RSS and file sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loratools.families import get_family
+
+
+def write_source(path: Path, rank: int) -> int:
+    """A diffusers Flux LoRA on every block Linear of the full-size structure; returns the module count."""
+    nm = get_family("flux_dev").naming()
+    st = nm.structure
+    g = torch.Generator().manual_seed(0)
+    sizes = {"norm1.linear": (6 * st.hidden, st.hidden), "norm1_context.linear": (6 * st.hidden, st.hidden),
+             "norm.linear": (3 * st.hidden, st.hidden), "ff.net.0.proj": (st.mlp_hidden, st.hidden),
+             "ff_context.net.0.proj": (st.mlp_hidden, st.hidden), "ff.net.2": (st.hidden, st.mlp_hidden),
+             "ff_context.net.2": (st.hidden, st.mlp_hidden), "proj_mlp": (st.mlp_hidden, st.hidden),
+             "proj_out": (st.hidden, st.hidden + st.mlp_hidden)}
+    tensors = {}
+    for m in nm.modules:
+        if "blocks." not in m.canonical:
+            continue
+        child = m.canonical.split(".", 3)[3]
+        out, inp = sizes.get(child, (st.hidden, st.hidden))
+        tensors[f"{m.canonical}.lora_A.weight"] = (torch.randn(rank, inp, generator=g) * 0.02).bfloat16()
+        tensors[f"{m.canonical}.lora_B.weight"] = (torch.randn(out, rank, generator=g) * 0.02).bfloat16()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "pytorch_lora_weights.safetensors"))
+    return len(tensors) // 2
+
+
+CHILD = """
+import resource, sys, time
+from loratools.cli import main
+t = time.perf_counter()
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    print("BENCH", time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def run(*args: str) -> tuple[float, float]:
+    res = subprocess.run([sys.executable, "-c", CHILD, *args, "-q", "--force"], capture_output=True, text=True)
+    line = [x for x in res.stderr.splitlines() if x.startswith("BENCH")]
+    if res.returncode or not line:
+        raise SystemExit(res.stderr)
+    _, secs, rss = line[-1].split()
+    return float(secs), int(rss) / 1024
+
+
+def max_rel(a_path: Path, b_path: Path) -> float:
+    from loratools.formats import load_adapter
+
+    a, b = load_adapter(a_path), load_adapter(b_path)
+    worst = 0.0
+    for n, la in a.layers.items():
+        da, db = la.delta(torch.float64), b.layers[n].delta(torch.float64)
+        worst = max(worst, float((da - db).norm() / da.norm()))
+    return worst
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/flux_bench"))
+    args = p.parse_args()
+    src = args.dir / "src"
+    t = time.perf_counter()
+    n = write_source(src, args.rank)
+    print(f"source: {n} modules, rank {args.rank}, bf16, written in {time.perf_counter() - t:.1f} s")
+    rows = []
+    for label, cmd in (
+        ("split → fused (kohya)", ["convert", str(src), "--to", "kohya", "-o", str(args.dir / "k.safetensors")]),
+        ("fused → split (diffusers)", ["convert", str(args.dir / "k.safetensors"), "--to", "diffusers",
+                                        "-o", str(args.dir / "back")]),
+        (f"split → fused, --rank {args.rank} (comfy)", ["convert", str(src), "--to", "comfy", "--rank",
+                                                       str(args.rank), "-o", str(args.dir / "c.safetensors")]),
+    ):
+        secs, rss = run(*cmd)
+        rows.append({"step": label, "seconds": round(secs, 2), "peak_rss_mb": round(rss)})
+    err = max_rel(src, args.dir / "back")
+    sizes = {f.name: f.stat().st_size for f in [src / "pytorch_lora_weights.safetensors", args.dir / "k.safetensors",
+                                                 args.dir / "c.safetensors"]}
+    print(json.dumps({"rows": rows, "split_fused_split_max_rel_error": err, "bytes": sizes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
