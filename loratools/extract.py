@@ -231,7 +231,7 @@ class TensorPair:
     @property
     def whole(self) -> bool:
         """Whether the module's weight is the whole tensor as stored (no row slice, not transposed)."""
-        return self.ref is None or (self.ref.rows is None and not self.ref.transpose)
+        return self.ref is None or (self.ref.rows is None and not self.ref.transpose and self.ref.expert is None)
 
     def units(self) -> tuple[TensorPair, ...]:
         """The modules this tensor holds: its ``parts``, or the pair itself."""
@@ -302,19 +302,26 @@ def _family_pair(base: Checkpoint, key: str, shape: tuple[int, ...], mods: list[
 
 
 def pair_tensors(
-    base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = ()
+    base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = (),
+    router: str = "lora",
 ) -> tuple[list[TensorPair], list[dict]]:
     """Tensors to compare, in TUNED's key order, and ``{"name", "reason"}`` rows for the rest.
 
     When BASE is a model family's single file or pipeline folder (see :func:`family_of`) its matrices are paired as
     the family's modules (canonical names, fused tensors split by rows); tensors the family does not map are skipped
     with the family's reason (VAE, EMA…), except 1-D ones of the model (biases, norms), which are paired as vectors.
+    Routed experts are paired by canonical expert module across layouts (:func:`loratools.moe.plan_experts`); the
+    MoE router is skipped with ``router="skip"``.
     """
+    from loratools.moe import ExpertPairs, plan_experts
+
     include, exclude = list(include), list(exclude)
+    experts = plan_experts(base, tuned, include, exclude) or ExpertPairs()
+    skipped_experts = experts.skipped
     bkeys, tkeys = set(base.keys()), tuned.keys()
     pairs: list[TensorPair] = []
-    skipped: list[dict] = []
-    common = 0
+    skipped: list[dict] = list(skipped_experts)
+    common = len(experts.pairs)
     naming = base.family_naming() if family_of(base, tuned) else None
     by_key: dict[str, list[tuple[str, ModuleRef]]] = {}
     owner: dict[str, str] = {}  # bias key of a module stored whole → its canonical name
@@ -324,6 +331,10 @@ def pair_tensors(
             if ref.rows is None and not ref.transpose and ref.key.endswith(".weight"):
                 owner[ref.key[: -len("weight")] + "bias"] = name
     for key in tkeys:
+        if key in experts.tuned_keys or experts.skip_router(key, router):
+            pairs += [experts.pairs[key]] if key in experts.pairs else []
+            skipped += [row] if (row := experts.skip_router(key, router)) else []
+            continue
         if key not in bkeys:
             skipped.append({"name": key, "reason": "only in tuned checkpoint"})
             continue
@@ -354,7 +365,8 @@ def pair_tensors(
             continue
         pairs.append(TensorPair(key, mod, ts, tensor_kind(key, ts)))
     tset = set(tkeys)
-    skipped += [{"name": k, "reason": "only in base checkpoint"} for k in base.keys() if k not in tset]
+    skipped += [{"name": k, "reason": "only in base checkpoint"} for k in base.keys()
+                if k not in tset and k not in experts.base_keys]
     if common == 0:
         example = next((s["name"] + ": " + s["reason"] for s in skipped), "both are empty")
         raise LoraToolsError(
@@ -436,6 +448,9 @@ class ExtractOptions:
     format: str = "peft"
     power_iters: int = 6
     power_tol: float = 0.005
+    #: rank rule of routed experts (``--expert-rank``; None: ``rule``), what becomes of the MoE router (``--router``)
+    expert_rule: RankRule | None = None
+    router: str = "full"
 
 
 @dataclass
@@ -553,8 +568,12 @@ def extract(
         raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
     device = resolve_device(opt.device)
     family = family_of(bck, tck)
-    pairs, skipped = pair_tensors(bck, tck, opt.include, opt.exclude)
-    bstream, tstream = TensorStream(bck), TensorStream(tck)
+    from loratools.moe import base_stream, plan_experts
+
+    pairs, skipped = pair_tensors(bck, tck, opt.include, opt.exclude, opt.router)
+    experts = plan_experts(bck, tck)
+    save_full = opt.save_full + (sorted(experts.routers.values()) if experts and opt.router == "full" else [])
+    bstream, tstream = base_stream(bck, tck), TensorStream(tck)
     layers: dict[str, LoraLayer] = {}
     rows: list[dict] = []
     vectors: list[dict] = []
@@ -582,7 +601,7 @@ def extract(
             if rel < opt.min_diff:
                 skipped.append(unit.describe(reason=f"below --min-diff (‖ΔW‖/‖W‖ = {rel:.3g})"))
                 continue
-            full = bool(opt.save_full) and matches(unit.module, key, opt.save_full)
+            full = bool(save_full) and matches(unit.module, key, save_full)
             if unit.kind in ("vector", "other") or full:
                 if unit.kind in ("vector", "other"):
                     vectors.append({"name": key, "shape": list(unit.shape), "relative_norm": rel, "saved": full})
@@ -603,6 +622,7 @@ def extract(
                 rows.append(row)
                 continue
             rule = opt.conv_rule if unit.kind == "conv" and opt.conv_rule is not None else opt.rule
+            rule = opt.expert_rule if unit.kind == "expert" and opt.expert_rule is not None else rule
             row, layer = _extract_layer(diff, unit, rule, total, base_norm, out_dtype, opt)
             del diff
             if layer is None:
@@ -646,6 +666,11 @@ def extract(
         "skipped": len(skipped), "changed_vectors": len(vectors), "saved_full": sorted(full_modules),
         "wall_time_s": time.perf_counter() - t0,
     }
+    if experts is not None:
+        from loratools.moe import expert_summary
+
+        summary["experts"] = expert_summary(rows, skipped, experts, opt.router, full_modules)
+        summary["expert_rule"] = (opt.expert_rule or opt.rule).describe()
     if opt.clamp_quantile is not None:
         summary["clipped_values"] = sum(r.get("clipped", 0) for r in rows)
     return ExtractResult(adapter, rows, skipped, vectors, sorted(full_modules), summary)
@@ -746,8 +771,10 @@ def spectrum(
     tck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
     dev = resolve_device(device)
     family = family_of(bck, tck)
+    from loratools.moe import base_stream
+
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
-    bstream, tstream = TensorStream(bck), TensorStream(tck)
+    bstream, tstream = base_stream(bck, tck), TensorStream(tck)
     rows, vectors = [], []
     ordered = read_pairs(pairs, bstream, tstream)
     for pair, w_base, w_tuned in (progress(ordered, len(pairs)) if progress else ordered):
