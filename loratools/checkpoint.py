@@ -438,9 +438,8 @@ class Checkpoint:
                     self._refs.setdefault(canon, ModuleRef(key))
             else:
                 self._refs = {name: ModuleRef(key) for name, key in self.modules().items()}
-                experts = self.expert_refs()  # canonical names replace per-expert ones (Mixtral ``w1``)
-                stored = {r.key for r in experts.values()}
-                self._refs = {n: r for n, r in self._refs.items() if r.key not in stored} | experts
+                # routed experts by canonical name too (fused 3-D tensors; Mixtral's ``w1`` as ``gate_proj``)
+                self._refs |= self.expert_refs()
         return self._refs
 
     def module_ref(self, name: str) -> ModuleRef | None:
@@ -479,11 +478,13 @@ class Checkpoint:
 
     def expert_refs(self) -> dict[str, ModuleRef]:
         """{canonical expert module (``….experts.3.gate_proj``) → where its weight lives}, fused 3-D or per-expert
-        tensors alike, the layout read from the architecture (``families/moe.py``); {} without routed experts."""
+        tensors alike, the layout read from the architecture (``families/moe.py``), and each MoE router by its
+        canonical name (``….mlp.gate``); {} without routed experts."""
         if not hasattr(self, "_expert_refs"):
             from loratools.families import moe
 
-            keys = [k for k in self._where if moe.FUSED_KEY.match(k) or moe.PER_EXPERT_KEY.match(k)]
+            keys = [k for k in self._where
+                    if moe.FUSED_KEY.match(k) or moe.PER_EXPERT_KEY.match(k) or moe.ROUTER_KEY.match(k)]
             layout = moe.layout_for(moe.model_type(self.path)) if keys else None
             try:
                 mods = moe.expert_modules(keys, {k: tuple(self.shape(k)) for k in keys}, layout)

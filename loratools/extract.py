@@ -316,7 +316,7 @@ def pair_tensors(
     from loratools.moe import ExpertPairs, plan_experts
 
     include, exclude = list(include), list(exclude)
-    experts = plan_experts(base, tuned, include, exclude) or ExpertPairs()
+    experts = plan_experts(base, tuned, include, exclude, router) or ExpertPairs()
     skipped_experts = experts.skipped
     bkeys, tkeys = set(base.keys()), tuned.keys()
     pairs: list[TensorPair] = []
@@ -331,9 +331,8 @@ def pair_tensors(
             if ref.rows is None and not ref.transpose and ref.key.endswith(".weight"):
                 owner[ref.key[: -len("weight")] + "bias"] = name
     for key in tkeys:
-        if key in experts.tuned_keys or experts.skip_router(key, router):
+        if key in experts.tuned_keys:
             pairs += [experts.pairs[key]] if key in experts.pairs else []
-            skipped += [row] if (row := experts.skip_router(key, router)) else []
             continue
         if key not in bkeys:
             skipped.append({"name": key, "reason": "only in tuned checkpoint"})
@@ -498,7 +497,8 @@ def _check_finite(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         raise LoraToolsError(
-            f"{ckpt.file_of(key)}: tensor {key} {list(t.shape)} has {int(bad.sum())} non-finite values (NaN/Inf)"
+            f"{ckpt.file_of(key) if key in ckpt else ckpt.path}: tensor {key} {list(t.shape)} has {int(bad.sum())} "
+            "non-finite values (NaN/Inf)"
         )
 
 
@@ -629,6 +629,7 @@ def extract(
                 skipped.append(unit.describe(reason=row["reason"]))
                 continue
             row["time_s"] = time.perf_counter() - t_layer
+            t_layer = time.perf_counter()  # the next module of a fused tensor (experts) is timed on its own
             if unit.whole:
                 seen[fp] = key
                 by_key[key] = layer

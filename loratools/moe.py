@@ -36,11 +36,7 @@ class ExpertPairs:
     skipped: list[dict] = field(default_factory=list)
     tuned_keys: set[str] = field(default_factory=set)
     base_keys: set[str] = field(default_factory=set)
-    routers: dict[str, str] = field(default_factory=dict)  # router weight key → its module
-
-    def skip_router(self, key: str, mode: str) -> dict | None:
-        """The skipped row of a router key under ``--router skip`` (None otherwise)."""
-        return {"name": key, "reason": "router (--router skip)"} if mode == "skip" and key in self.routers else None
+    routers: dict[str, str] = field(default_factory=dict)  # TUNED router weight key → its canonical module
 
 
 def _by_key(refs: dict[str, ModuleRef]) -> dict[str, list[tuple[str, ModuleRef]]]:
@@ -50,9 +46,10 @@ def _by_key(refs: dict[str, ModuleRef]) -> dict[str, list[tuple[str, ModuleRef]]
     return out
 
 
-def plan_experts(base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = ()
-                 ) -> ExpertPairs | None:
-    """The expert pairs of BASE and TUNED, matched by canonical module name (None: neither has routed experts)."""
+def plan_experts(base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                 router: str = "lora") -> ExpertPairs | None:
+    """The expert and router pairs of BASE and TUNED, matched by canonical module name (None: neither has routed
+    experts); routers are skipped (and reported) with ``router="skip"``."""
     bref, tref = base.expert_refs(), tuned.expert_refs()
     if not bref and not tref:
         return None
@@ -79,7 +76,12 @@ def plan_experts(base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (
             if exclude and matches(name, key, exclude):
                 out.skipped.append({"name": name, "key": key, "reason": "excluded by --exclude"})
                 continue
-            units.append(TensorPair(key, name, ts, "expert", ref))
+            if not moe.EXPERT_NAME.search(name):
+                out.routers[key] = name
+                if router == "skip":
+                    out.skipped.append({"name": name, "key": key, "reason": "router (--router skip)"})
+                    continue
+            units.append(TensorPair(key, name, ts, "expert" if moe.EXPERT_NAME.search(name) else "linear", ref))
         if not units:
             continue
         whole = len(mods) == 1 and mods[0][1].expert is None
@@ -88,12 +90,6 @@ def plan_experts(base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (
     out.skipped += [{"name": name, "key": ref.key, "reason": "only in base checkpoint"}
                     for name, ref in bref.items() if name not in tref]
     out.base_keys |= {ref.key for ref in bref.values()}
-    layout = moe.layout_for(moe.model_type(tuned.path))
-    tkeys = set(tuned.keys())
-    for mod in sorted({name.rsplit(".", 2)[0] for name in tref}):
-        key = moe.router_key(mod, layout, tkeys)
-        if key is not None:
-            out.routers[key] = key.rsplit(".", 1)[0]
     return out
 
 
@@ -148,10 +144,17 @@ def expert_summary(rows: list[dict], skipped: list[dict], plan: ExpertPairs | No
         "min_retained_energy": min((r["retained_energy"] for r in experts), default=None),
         "skipped": sum(1 for s in skipped if ".experts." in s["name"]),
         "router": router,
-        "routers": [{"name": mod, "key": key,
-                     "handled": "saved in full" if mod in full else
-                     "skipped" if any(s["name"] == key for s in skipped) else
-                     "lora" if any(r["name"] == mod for r in rows) else "unchanged"}
+        "routers": [{"name": mod, "key": key, "handled": _router_fate(key, mod, rows, skipped, full)}
                     for key, mod in sorted(plan.routers.items())],
         "shared_expert_modules": shared,
     }
+
+
+def _router_fate(key: str, mod: str, rows: list[dict], skipped: list[dict], full: set[str]) -> str:
+    """What became of one router: saved in full, a LoRA, or skipped (with the reason)."""
+    if mod in full:
+        return "saved in full"
+    if any(r["name"] == mod for r in rows):
+        return "lora"
+    reason = next((s["reason"] for s in skipped if s["name"] in (key, mod)), "not in the adapter")
+    return "skipped" if reason.startswith("router") else f"skipped: {reason}"

@@ -278,3 +278,75 @@ def test_cli_expert_rank_and_router_json(qwen_dirs, tmp_path):
     assert doc["summary"]["expert_rule"] == "rank=2"
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert "model.layers.0.mlp.experts.3.down_proj" in cfg["target_modules"] or "down_proj" in cfg["target_modules"]
+
+
+def test_mixtral_per_expert_names_pair_with_fused(tmp_path):
+    """Mixtral's original checkpoints (``block_sparse_moe.experts.N.w1|w3|w2``, router ``block_sparse_moe.gate``)
+    map to the canonical ``mlp.experts.N.gate_proj|up_proj|down_proj`` / ``mlp.gate`` of the fused model."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def mixtral():
+        torch.manual_seed(0)
+        return MixtralForCausalLM(MixtralConfig(
+            hidden_size=H, intermediate_size=INTER, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, num_local_experts=E, num_experts_per_tok=2, vocab_size=64)).eval()
+
+    base = mixtral()
+    base.save_pretrained(tmp_path / "base")  # per expert, original names
+    ck = Checkpoint(tmp_path / "base")
+    assert "model.layers.0.block_sparse_moe.experts.1.w3.weight" in ck.keys()
+    # the original module names stay addressable (adapters trained on them), beside the canonical ones
+    assert ck.module_ref("model.layers.0.block_sparse_moe.experts.1.w3") == ck.module_ref(
+        "model.layers.0.mlp.experts.1.up_proj")
+    tuned = mixtral()
+    gen = torch.Generator().manual_seed(5)
+    up, router = low_rank(INTER, H, gen), 0.05 * torch.randn(E, H, generator=gen)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.experts.gate_up_proj[1, INTER:] += up
+        tuned.model.layers[0].mlp.gate.weight += router
+    write_fused(tuned, tmp_path / "tuned")
+    res = extract(tmp_path / "base", tmp_path / "tuned", ExtractOptions(rule=RankRule("full"), router="lora"))
+    assert {r["name"] for r in res.layers} == {"model.layers.0.mlp.experts.1.up_proj", "model.layers.0.mlp.gate"}
+    assert not [s for s in res.skipped if "only in" in s["reason"]]
+    left, right = res.adapter.layers["model.layers.0.mlp.experts.1.up_proj"].factors(torch.float64)
+    assert torch.allclose(left @ right.T, up.double(), atol=1e-6)
+    left, right = res.adapter.layers["model.layers.0.mlp.gate"].factors(torch.float64)
+    assert torch.allclose(left @ right.T, router.double(), atol=1e-6)
+    # the per-expert base bakes by canonical names: its w3 / gate tensors get the change
+    save_adapter(res.adapter, tmp_path / "lora", "peft")
+    bake(tmp_path / "base", [(tmp_path / "lora", 1.0)], tmp_path / "baked")
+    baked = load_file(str(tmp_path / "baked" / "model.safetensors"))
+    want = tuned.state_dict()
+    assert torch.allclose(baked["model.layers.0.block_sparse_moe.experts.1.w3.weight"],
+                          want["model.layers.0.mlp.experts.gate_up_proj"][1, INTER:], atol=1e-6)
+    assert torch.allclose(baked["model.layers.0.block_sparse_moe.gate.weight"],
+                          want["model.layers.0.mlp.gate.weight"], atol=1e-6)
+
+
+def test_qwen2_moe_shared_expert_decomposed_and_reported(tmp_path):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    def qwen2():
+        torch.manual_seed(0)
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            hidden_size=H, intermediate_size=48, moe_intermediate_size=INTER, shared_expert_intermediate_size=24,
+            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=E, num_experts_per_tok=2,
+            vocab_size=64)).eval()
+
+    write_fused(qwen2(), tmp_path / "base")
+    tuned = qwen2()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        mlp = tuned.model.layers[0].mlp
+        mlp.shared_expert.up_proj.weight += low_rank(24, H, gen)
+        mlp.experts.down_proj[0] += low_rank(H, INTER, gen)
+    write_fused(tuned, tmp_path / "tuned")
+    res = extract(tmp_path / "base", tmp_path / "tuned",
+                  ExtractOptions(rule=RankRule("rank", 4), expert_rule=RankRule("rank", 2)))
+    kinds = {r["name"]: (r["kind"], r["rank"]) for r in res.layers}
+    assert kinds == {"model.layers.0.mlp.shared_expert.up_proj": ("linear", 4),
+                     "model.layers.0.mlp.experts.0.down_proj": ("expert", 2)}
+    ex = res.summary["experts"]
+    assert ex["shared_expert_modules"] == ["model.layers.0.mlp.shared_expert.up_proj"]
+    assert ex["routers"] == [{"name": "model.layers.0.mlp.gate", "key": "model.layers.0.mlp.gate.weight",
+                              "handled": "skipped: unchanged (ΔW = 0)"}]

@@ -63,13 +63,18 @@ LAYOUTS: dict[str, ExpertLayout] = {
 
 FUSED_KEY = re.compile(r"^(?P<mod>.*\.experts)\.(?P<param>gate_up_proj|down_proj)$")
 PER_EXPERT_KEY = re.compile(r"^(?P<mod>.*\.experts)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+ROUTER_KEY = re.compile(r"^(?P<parent>.*)\.(?P<name>gate|router)\.weight$")
+#: a canonical routed-expert module name (routers are the other modules ``expert_modules`` returns)
+EXPERT_NAME = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
 class ExpertModule:
     """One canonical expert module found in a checkpoint: ``name`` (canonical), the tensor ``key`` holding it,
     ``expert`` (index into a fused tensor's first dimension, None for a per-expert tensor), the output ``rows``
-    ``(start, stop, step)`` of a fused ``gate_up_proj`` (None: all), ``transpose`` (stored ``[in, out]``)."""
+    ``(start, stop, step)`` of a fused ``gate_up_proj`` (None: all), ``transpose`` (stored ``[in, out]``). The
+    router beside the experts is returned too, by its canonical name (``….mlp.gate``: Mixtral's
+    ``block_sparse_moe.gate`` renamed), so routers of checkpoints in different layouts pair."""
 
     name: str
     key: str
@@ -103,14 +108,23 @@ def has_fused_experts(keys: Iterable[str]) -> str | None:
     return next((k for k in keys if FUSED_KEY.match(k)), None)
 
 
+def _rename(path: str, layout: ExpertLayout | None) -> str:
+    """A module path of a per-expert checkpoint in the transformers module tree (``….block_sparse_moe`` → ``….mlp``)."""
+    path += "."
+    for old, new in layout.renames if layout is not None else ():
+        path = path.replace(old, new)
+    return path[:-1]
+
+
 def expert_modules(keys: Iterable[str], shapes: dict[str, tuple[int, ...]], layout: ExpertLayout | None
                    ) -> list[ExpertModule]:
-    """Every canonical expert module of a checkpoint's ``keys`` (``shapes``: their stored shapes).
+    """Every canonical expert module (and router) of a checkpoint's ``keys`` (``shapes``: their stored shapes).
 
     Fused tensors need ``layout`` (from the architecture); per-expert tensors are named by it, or by the common
     ``gate_proj``/``up_proj``/``down_proj`` names when the architecture is unknown. Raises ValueError for a fused
     tensor without a layout or of an impossible shape.
     """
+    keys = list(keys)
     out: list[ExpertModule] = []
     names = layout.per_expert if layout is not None else PROJECTIONS
     canon = dict(zip(names, PROJECTIONS))
@@ -138,20 +152,16 @@ def expert_modules(keys: Iterable[str], shapes: dict[str, tuple[int, ...]], layo
             continue
         m = PER_EXPERT_KEY.match(key)
         if m is not None and m["proj"] in canon and len(shapes[key]) == 2:
-            mod = m["mod"]
-            for old, new in layout.renames if layout is not None else ():
-                mod = mod.replace(old, new)
-            out.append(ExpertModule(f"{mod}.{m['e']}.{canon[m['proj']]}", key))
+            out.append(ExpertModule(f"{_rename(m['mod'], layout)}.{m['e']}.{canon[m['proj']]}", key))
+    parents = {m.name.rsplit(".", 3)[0] for m in out}
+    router = layout.router if layout is not None else "gate"
+    for key in keys:
+        m = ROUTER_KEY.match(key)
+        if m is not None and m["name"] == router and len(shapes.get(key, ())) == 2:
+            parent = _rename(m["parent"], layout)
+            if parent in parents:
+                out.append(ExpertModule(f"{parent}.{router}", key))
     return out
-
-
-def router_key(experts_module: str, layout: ExpertLayout | None, keys: set[str]) -> str | None:
-    """The router weight beside an experts module (``….mlp.experts`` → ``….mlp.gate.weight``), if present."""
-    parent = experts_module.rsplit(".", 1)[0]
-    names = [f"{parent}.{layout.router if layout else 'gate'}.weight"]
-    if layout is not None:
-        names += [n.replace(new, old) for old, new in layout.renames for n in list(names)]
-    return next((n for n in names if n in keys), None)
 
 
 SHARED = re.compile(r"\.(shared_experts?|shared_expert_gate)(\.|$)")
