@@ -649,6 +649,10 @@ def extract(
             f"module {both[0]} would be both a LoRA target and saved in full (--save-full matched only some of its "
             "tensors, e.g. the bias); match the whole module or none of it"
         )
+    if experts is not None:
+        from loratools.moe import uniform_expert_ranks
+
+        padded = uniform_expert_ranks(layers)
     warnings = _tied_head_warning(bck, tck, layers)
     adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path),
                       warnings=warnings, family=family, provenance={
@@ -670,7 +674,7 @@ def extract(
     if experts is not None:
         from loratools.moe import expert_summary
 
-        summary["experts"] = expert_summary(rows, skipped, experts, opt.router, full_modules)
+        summary["experts"] = expert_summary(rows, skipped, experts, opt.router, full_modules, padded)
         summary["expert_rule"] = (opt.expert_rule or opt.rule).describe()
     if opt.clamp_quantile is not None:
         summary["clipped_values"] = sum(r.get("clipped", 0) for r in rows)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loratools.adapter import LoraLayer
 from loratools.checkpoint import Checkpoint, ModuleRef
 from loratools.extract import TensorPair, TensorStream, matches
 from loratools.families import moe
@@ -129,8 +130,33 @@ def base_stream(base: Checkpoint, tuned: Checkpoint) -> TensorStream:
     return ExpertStream(base, tuned) if (base.expert_refs() or tuned.expert_refs()) else TensorStream(base)
 
 
+def uniform_expert_ranks(layers: dict[str, LoraLayer]) -> int:
+    """Zero-pad the routed experts of each experts module (one MoE layer) to that module's largest rank, in place;
+    returns how many layers were padded. ΔW is unchanged (zero rows / columns, alpha scaled with the rank), but
+    PEFT (≥ 0.18) loads per-expert LoRAs onto transformers' fused expert tensors by stacking them, which needs one
+    rank per experts module: a per-expert energy / threshold rule would otherwise give an adapter PEFT cannot load."""
+    groups: dict[str, list[str]] = {}
+    for name in layers:
+        if moe.EXPERT_NAME.search(name):
+            groups.setdefault(name.rsplit(".", 2)[0], []).append(name)
+    padded = 0
+    for names in groups.values():
+        top = max(layers[n].rank for n in names)
+        for n in names:
+            la = layers[n]
+            k = la.rank
+            if k == top or la.magnitude is not None or la.down.dim() != 2:
+                continue
+            la.down = torch.cat([la.down, la.down.new_zeros(top - k, la.down.shape[1])])
+            la.up = torch.cat([la.up, la.up.new_zeros(la.up.shape[0], top - k)], dim=1)
+            if la.alpha is not None:  # same scale: alpha / r (rsLoRA: alpha / √r)
+                la.alpha = la.alpha * ((top / k) ** 0.5 if la.rslora else top / k)
+            padded += 1
+    return padded
+
+
 def expert_summary(rows: list[dict], skipped: list[dict], plan: ExpertPairs | None, router: str,
-                   full_modules: Iterable[str]) -> dict | None:
+                   full_modules: Iterable[str], padded: int = 0) -> dict | None:
     """The ``experts`` block of extract's JSON summary (None without routed experts)."""
     if plan is None:
         return None
@@ -147,6 +173,7 @@ def expert_summary(rows: list[dict], skipped: list[dict], plan: ExpertPairs | No
         "routers": [{"name": mod, "key": key, "handled": _router_fate(key, mod, rows, skipped, full)}
                     for key, mod in sorted(plan.routers.items())],
         "shared_expert_modules": shared,
+        "padded_to_uniform_rank": padded,
     }
 
 

@@ -137,6 +137,22 @@ def test_full_rank_extraction_reproduces_tuned_logits(qwen_dirs, tmp_path):
     assert (base - want).abs().max() > 1e-2  # the change is visible in the logits
 
 
+def test_full_rank_per_expert_adapter_loads_in_peft(qwen_dirs, tmp_path):
+    """The default output (per-expert PEFT target_modules, router in modules_to_save) loads in PEFT 0.21 onto the
+    fused transformers-5 model (PEFT maps per-expert modules onto ``target_parameters``) and gives the tuned logits."""
+    from peft import PeftModel
+    from transformers import Qwen3MoeForCausalLM
+
+    root, _, _ = qwen_dirs
+    res = extract(root / "base", root / "tuned", ExtractOptions(rule=RankRule("full")))
+    save_adapter(res.adapter, tmp_path / "lora", "peft")
+    model = PeftModel.from_pretrained(Qwen3MoeForCausalLM.from_pretrained(root / "base"), tmp_path / "lora").eval()
+    ids = torch.arange(24).reshape(2, 12) % 64
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - logits(root / "tuned", Qwen3MoeForCausalLM)).abs().max() <= 1e-4
+
+
 def test_low_rank_each_expert_at_float64_optimum(qwen_dirs):
     root, _, noisy = qwen_dirs
     res = extract(root / "base", root / "noisy", ExtractOptions(rule=RankRule("rank", 8), expert_rule=RankRule("rank", 2)))
@@ -350,3 +366,56 @@ def test_qwen2_moe_shared_expert_decomposed_and_reported(tmp_path):
     assert ex["shared_expert_modules"] == ["model.layers.0.mlp.shared_expert.up_proj"]
     assert ex["routers"] == [{"name": "model.layers.0.mlp.gate", "key": "model.layers.0.mlp.gate.weight",
                               "handled": "skipped: unchanged (ΔW = 0)"}]
+
+
+def test_router_saved_in_full_loads_in_peft(tmp_path):
+    """``--router full`` writes the router as PEFT ``modules_to_save``: PEFT loads it (transformers' router is no
+    ``nn.Linear``, so a LoRA there would not load) and reproduces the tuned logits."""
+    from peft import PeftModel
+    from transformers import Qwen3MoeForCausalLM
+
+    write_fused(qwen3_moe(), tmp_path / "base")
+    tuned = qwen3_moe()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in tuned.model.layers:
+            layer.mlp.gate.weight += 0.2 * torch.randn(E, H, generator=gen)
+        tuned.model.layers[1].self_attn.v_proj.weight += low_rank(16, H, gen)
+    write_fused(tuned, tmp_path / "tuned")
+    res = extract(tmp_path / "base", tmp_path / "tuned", ExtractOptions(rule=RankRule("full")))
+    assert set(res.adapter.layers) == {"model.layers.1.self_attn.v_proj"}
+    save_adapter(res.adapter, tmp_path / "lora", "peft")
+    model = PeftModel.from_pretrained(Qwen3MoeForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    ids = torch.arange(24).reshape(2, 12) % 64
+    with torch.no_grad():
+        got, want = model(ids).logits, tuned(ids).logits
+    assert (got - want).abs().max() <= 1e-4
+    with model.disable_adapter(), torch.no_grad():
+        assert (model(ids).logits - want).abs().max() > 1e-2
+
+
+def test_per_expert_energy_rule_padded_so_peft_loads(qwen_dirs, tmp_path):
+    """An energy rule gives each expert its own rank; PEFT stacks per-expert LoRAs onto the fused tensors and needs one
+    rank per experts module, so extract zero-pads (ΔW unchanged): PEFT loads it and equals bake."""
+    from peft import PeftModel
+    from transformers import Qwen3MoeForCausalLM
+
+    root, _, noisy = qwen_dirs
+    res = extract(root / "base", root / "noisy", ExtractOptions(rule=RankRule("energy", 0.9), router="skip"))
+    rows = {r["name"]: r for r in res.layers if r["kind"] == "expert"}
+    assert len({r["rank"] for r in rows.values()}) > 1  # the rule chose different ranks per expert
+    assert res.summary["experts"]["padded_to_uniform_rank"] > 0
+    for name, d in noisy.items():
+        d = d.double()
+        s = torch.linalg.svdvals(d)
+        k = rows[name]["rank"]
+        left, right = res.adapter.layers[name].factors(torch.float64)
+        stored = float(torch.linalg.norm(d - left @ right.T) / torch.linalg.norm(d))
+        assert stored <= float(s[k:].square().sum().sqrt() / s.square().sum().sqrt()) * 1.005 + 1e-7, name
+    save_adapter(res.adapter, tmp_path / "lora", "peft")
+    bake(root / "base", [(tmp_path / "lora", 1.0)], tmp_path / "baked")
+    model = PeftModel.from_pretrained(Qwen3MoeForCausalLM.from_pretrained(root / "base"), tmp_path / "lora").eval()
+    ids = torch.arange(24).reshape(2, 12) % 64
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - logits(tmp_path / "baked", Qwen3MoeForCausalLM)).abs().max() <= 1e-5
