@@ -112,6 +112,10 @@ class TensorStream:
         pad = -raw.data_ptr() % DIRECT_ALIGN
         return raw[pad : pad + nbytes]
 
+    def drop(self, slot: int) -> None:
+        """Give back scratch ``slot``'s buffer (no tensor handed out from it may still be in use)."""
+        self._slots.pop(slot, None)
+
     def read(self, key: str, slot: int | None = None) -> torch.Tensor:
         """The tensor ``key``, in a fresh buffer, or with ``slot`` (0, 1, …) in a buffer this stream reuses for
         that slot: already paged in (no page faults for a fresh layer-sized allocation), valid until the next
@@ -195,6 +199,9 @@ def read_pairs(
     """
     def load(i: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = pairs[i].key
+        if big[i]:  # read now, into the slot just released: the other slot's buffer (an older pair's) is given back
+            bstream.drop(1 - slot)
+            tstream.drop(1 - slot)
         return bstream.read(key, slot=slot), tstream.read(key, slot=slot)
 
     if not pairs:
@@ -209,6 +216,7 @@ def read_pairs(
                 slot = 1 - slot
                 pending = pool.submit(load, i + 1, slot)
             yield pair, w_base, w_tuned
+            del w_base, w_tuned  # released before the next read (a big pair reuses their slot's memory)
 
 
 # ---------------------------------------------------------------------------------------- pairing
@@ -317,10 +325,9 @@ def pair_tensors(
 
     include, exclude = list(include), list(exclude)
     experts = plan_experts(base, tuned, include, exclude, router) or ExpertPairs()
-    skipped_experts = experts.skipped
     bkeys, tkeys = set(base.keys()), tuned.keys()
     pairs: list[TensorPair] = []
-    skipped: list[dict] = list(skipped_experts)
+    skipped: list[dict] = list(experts.skipped)
     common = len(experts.pairs)
     naming = base.family_naming() if family_of(base, tuned) else None
     by_key: dict[str, list[tuple[str, ModuleRef]]] = {}
@@ -531,11 +538,33 @@ def _tied_head_warning(base: Checkpoint, tuned: Checkpoint, layers: dict[str, Lo
     return []
 
 
+def _pair_diff(
+    pair: TensorPair, w_base: torch.Tensor, w_tuned: torch.Tensor, bstream: TensorStream, tstream: TensorStream,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, float, float]:
+    """:func:`_read_diff` of a pair, or ``(None, 0, 0)`` for a fused 3-D expert tensor: its experts are diffed one by
+    one in :func:`_unit_diff`, so no float32 copy of the whole [E, …] tensor is ever made (peak memory: the two
+    stored tensors, not four float32 ones)."""
+    if pair.parts and all(u.ref is not None and u.ref.expert is not None for u in pair.parts):
+        return None, 0.0, 0.0
+    return _read_diff(w_base, w_tuned, bstream, tstream, pair.key, device)
+
+
 def _unit_diff(
-    unit: TensorPair, diff: torch.Tensor, base_norm: float, total: float, w_base: torch.Tensor, device: torch.device,
+    unit: TensorPair, diff: torch.Tensor | None, base_norm: float, total: float, w_base: torch.Tensor,
+    device: torch.device, w_tuned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """``(ΔW, ‖W_base‖, ‖ΔW‖²)`` of one module of a pair: the whole tensor's, or its rows (transposed back) of a
-    fused or transposed tensor, measured on that part alone."""
+    fused or transposed tensor, measured on that part alone (``diff`` None: from the stored ``w_tuned`` and
+    ``w_base``, NaN/Inf an error naming the module)."""
+    if diff is None:
+        wb = unit.ref.take(w_base).to(device=device, dtype=torch.float32)
+        part = unit.ref.take(w_tuned).to(device=device, dtype=torch.float32) - wb
+        total, base_sq = frobenius_sq(part), frobenius_sq(wb)
+        if not (math.isfinite(total) and math.isfinite(base_sq)):
+            raise LoraToolsError(f"tensor {unit.key}: module {unit.module} {list(unit.shape)} has non-finite values "
+                                 "(NaN/Inf) in base or tuned")
+        return part, base_sq**0.5, total
     if unit.whole:
         return diff, base_norm, total
     part = unit.ref.take(diff).contiguous()
@@ -568,8 +597,10 @@ def extract(
         raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
     device = resolve_device(opt.device)
     family = family_of(bck, tck)
-    from loratools.moe import base_stream, plan_experts
+    from loratools.moe import ROUTER_MODES, base_stream, plan_experts
 
+    if opt.router not in ROUTER_MODES:
+        raise LoraToolsError(f"--router must be one of {', '.join(ROUTER_MODES)}, got {opt.router!r}")
     pairs, skipped = pair_tensors(bck, tck, opt.include, opt.exclude, opt.router)
     experts = plan_experts(bck, tck)
     save_full = opt.save_full + (sorted(experts.routers.values()) if experts and opt.router == "full" else [])
@@ -589,11 +620,10 @@ def extract(
         if reason:
             skipped += [u.describe(reason=reason) for u in pair.units()]
             continue
-        whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
-        del w_tuned
+        whole_diff, whole_norm, whole_total = _pair_diff(pair, w_base, w_tuned, bstream, tstream, device)
         out_dtype = opt.dtype or tck.dtype(key)
         for unit in pair.units():
-            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device)
+            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device, w_tuned)
             rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
             if total == 0:
                 skipped.append(unit.describe(reason="unchanged (ΔW = 0)"))
@@ -635,7 +665,7 @@ def extract(
                 by_key[key] = layer
             layers[unit.module] = layer
             rows.append(row)
-        del whole_diff, w_base
+        del whole_diff, w_base, w_tuned
     if not layers and not extra:
         raise LoraToolsError(
             f"nothing to extract: every paired tensor was skipped ({len(skipped)} skipped, e.g. "
@@ -787,10 +817,9 @@ def spectrum(
         if reason:
             skipped += [u.describe(reason=reason) for u in pair.units()]
             continue
-        whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
-        del w_tuned
+        whole_diff, whole_norm, whole_total = _pair_diff(pair, w_base, w_tuned, bstream, tstream, dev)
         for unit in pair.units():
-            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, dev)
+            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, dev, w_tuned)
             if unit.kind in ("vector", "other"):
                 if total > 0:
                     vectors.append({"name": unit.key, "shape": list(unit.shape),
@@ -803,7 +832,7 @@ def spectrum(
                 continue
             s, is_exact = layer_spectrum_of_diff(diff.reshape(unit.shape[0], -1), top, exact, exact_below, seed, total)
             rows.append(_spectrum_row(unit, s.double(), total, base_norm, is_exact))
-        del whole_diff, w_base
+        del whole_diff, w_base, w_tuned
     return {
         "base": str(bck.path), "tuned": str(tck.path), "layers": rows, "skipped": skipped,
         "changed_vectors": vectors, "table_ranks": list(TABLE_RANKS),

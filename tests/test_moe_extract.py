@@ -419,3 +419,15 @@ def test_per_expert_energy_rule_padded_so_peft_loads(qwen_dirs, tmp_path):
     with torch.no_grad():
         got = model(ids).logits
     assert (got - logits(tmp_path / "baked", Qwen3MoeForCausalLM)).abs().max() <= 1e-5
+
+
+def test_nan_in_one_expert_is_one_line_error(qwen_dirs, tmp_path):
+    root, _, _ = qwen_dirs
+    sd = load_file(str(root / "tuned" / "model.safetensors"))
+    sd["model.layers.1.mlp.experts.down_proj"][2, 5, 3] = float("nan")
+    (tmp_path / "tuned").mkdir()
+    save_file(sd, str(tmp_path / "tuned" / "model.safetensors"))
+    (tmp_path / "tuned" / "config.json").write_text((root / "tuned" / "config.json").read_text())
+    with pytest.raises(LoraToolsError, match=r"experts\.down_proj: module model\.layers\.1\.mlp\.experts\.2\.down_proj"
+                                             r".*non-finite"):
+        extract(root / "base", tmp_path / "tuned")
