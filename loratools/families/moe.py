@@ -103,11 +103,6 @@ def layout_for(mtype: str | None) -> ExpertLayout | None:
     return LAYOUTS.get(mtype) if mtype else None
 
 
-def has_fused_experts(keys: Iterable[str]) -> str | None:
-    """The first fused 3-D expert tensor key among ``keys`` (None if there is none)."""
-    return next((k for k in keys if FUSED_KEY.match(k)), None)
-
-
 def _rename(path: str, layout: ExpertLayout | None) -> str:
     """A module path of a per-expert checkpoint in the transformers module tree (``….block_sparse_moe`` → ``….mlp``)."""
     path += "."
