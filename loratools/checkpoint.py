@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,15 +134,25 @@ def _one_line(exc: BaseException) -> str:
 class ModuleRef:
     """Where a module's weight lives in a checkpoint: tensor ``key``, its row slice ``rows`` (fused projections:
     OpenCLIP ``in_proj`` holds q, k, v), ``transpose`` where the tensor stores the weight transposed, ``row_order``
-    where the module's rows are the tensor's row blocks in another order (Flux ``norm_out.linear``: halves swapped)."""
+    where the module's rows are the tensor's row blocks in another order (Flux ``norm_out.linear``: halves swapped).
+
+    A routed expert of a fused 3-D expert tensor (``families/moe.py``) has ``expert``, the index into the tensor's
+    first dimension; the expert's 2-D slice is transposed first where stored ``[in, out]``, then ``rows`` (with
+    ``step``: interleaved gate/up) select the module's output rows."""
 
     key: str
     rows: tuple[int, int] | None = None
     transpose: bool = False
     row_order: tuple[tuple[int, int], ...] | None = None
+    expert: int | None = None
+    step: int = 1
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The module's weight out of the whole stored tensor (a copy where rows are reordered)."""
+        """The module's weight out of the whole stored tensor (a view; a copy where rows are reordered)."""
+        if self.expert is not None:
+            tensor = tensor[self.expert]
+            tensor = tensor.T if self.transpose else tensor
+            return tensor if self.rows is None else tensor[self.rows[0] : self.rows[1] : self.step]
         if self.row_order is not None:
             return torch.cat([tensor[a:b] for a, b in self.row_order], dim=0)
         if self.rows is not None:
@@ -161,8 +171,17 @@ class ModuleRef:
 
     @property
     def whole(self) -> bool:
-        """Whether the module's weight is the stored tensor as it is (no row slice, order or transpose)."""
-        return self.rows is None and not self.transpose and self.row_order is None
+        """Whether the module's weight is the stored tensor as it is (no row slice, order, transpose or expert)."""
+        return self.rows is None and not self.transpose and self.row_order is None and self.expert is None
+
+    def shape_in(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The module's weight shape inside a stored tensor of shape ``stored``."""
+        if self.expert is not None:
+            stored = tuple(reversed(stored[1:])) if self.transpose else tuple(stored[1:])
+            return stored if self.rows is None else (len(range(self.rows[0], self.rows[1], self.step)), *stored[1:])
+        if self.rows is not None:
+            stored = (self.rows[1] - self.rows[0], *stored[1:])
+        return tuple(reversed(stored)) if self.transpose else tuple(stored)
 
 
 class _Shapes(Mapping):
@@ -439,7 +458,8 @@ class Checkpoint:
         if not hasattr(self, "_refs"):
             nm = self.naming()
             if nm is not None:
-                self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose, getattr(m, "row_order", None))
+                self._refs = {m.canonical: ModuleRef(m.weight_key, m.rows, m.transpose,
+                                                     row_order=getattr(m, "row_order", None))
                               for m in nm.modules if m.weight_key in self._where}
             elif self.is_pipeline:
                 self._refs = {}
@@ -449,6 +469,8 @@ class Checkpoint:
                     self._refs.setdefault(canon, ModuleRef(key))
             else:
                 self._refs = {name: ModuleRef(key) for name, key in self.modules().items()}
+                # routed experts by canonical name too (fused 3-D tensors; Mixtral's ``w1`` as ``gate_proj``)
+                self._refs |= self.expert_refs()
         return self._refs
 
     def module_ref(self, name: str) -> ModuleRef | None:
@@ -465,15 +487,43 @@ class Checkpoint:
 
     def module_shape(self, name: str) -> tuple[int, ...]:
         ref = self._ref(name)
-        shape = self.shape(ref.key)
-        if ref.rows is not None:
-            shape = (ref.rows[1] - ref.rows[0], *shape[1:])
-        return tuple(reversed(shape)) if ref.transpose else tuple(shape)
+        return ref.shape_in(tuple(self.shape(ref.key)))
 
     def module_weight(self, name: str) -> torch.Tensor:
         """The weight of module ``name`` (its rows of a fused tensor, transposed back where stored transposed)."""
-        ref = self._ref(name)
-        return ref.take(self.get(ref.key))
+        return self.read_ref(self._ref(name))
+
+    def read_ref(self, ref: ModuleRef) -> torch.Tensor:
+        """The weight ``ref`` points at; of a fused 3-D expert tensor only that expert's slice is read."""
+        if ref.expert is None:
+            return ref.take(self.get(ref.key))
+        f, k = self._check(ref.key)
+        if is_safetensors(f):
+            try:
+                part = self._handle(f).get_slice(k)[ref.expert : ref.expert + 1]
+            except Exception as exc:
+                raise LoraToolsError(f"{f}: cannot read expert {ref.expert} of {k!r} ({_one_line(exc)})") from None
+        else:
+            part = self._pickle(f)[k][ref.expert : ref.expert + 1]
+        return replace(ref, expert=0).take(part)
+
+    def expert_refs(self) -> dict[str, ModuleRef]:
+        """{canonical expert module (``….experts.3.gate_proj``) → where its weight lives}, fused 3-D or per-expert
+        tensors alike, the layout read from the architecture (``families/moe.py``), and each MoE router by its
+        canonical name (``….mlp.gate``); {} without routed experts."""
+        if not hasattr(self, "_expert_refs"):
+            from loratools.families import moe
+
+            keys = [k for k in self._where
+                    if moe.FUSED_KEY.match(k) or moe.PER_EXPERT_KEY.match(k) or moe.ROUTER_KEY.match(k)]
+            layout = moe.layout_for(moe.model_type(self.path)) if keys else None
+            try:
+                mods = moe.expert_modules(keys, {k: tuple(self.shape(k)) for k in keys}, layout)
+            except ValueError as exc:
+                raise LoraToolsError(f"{self.path}: {exc}") from None
+            self._expert_refs = {m.name: ModuleRef(m.key, m.rows[:2] if m.rows else None, m.transpose,
+                                                   expert=m.expert, step=m.rows[2] if m.rows else 1) for m in mods}
+        return self._expert_refs
 
     def _ref(self, name: str) -> ModuleRef:
         ref = self.module_ref(name)

@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -115,6 +115,10 @@ class TensorStream:
                 raw = self._slots[slot] = torch.empty(size, dtype=torch.uint8)
         pad = -raw.data_ptr() % DIRECT_ALIGN
         return raw[pad : pad + nbytes]
+
+    def drop(self, slot: int) -> None:
+        """Give back scratch ``slot``'s buffer (no tensor handed out from it may still be in use)."""
+        self._slots.pop(slot, None)
 
     def read(self, key: str, slot: int | None = None) -> torch.Tensor:
         """The tensor ``key``, in a fresh buffer, or with ``slot`` (0, 1, …) in a buffer this stream reuses for
@@ -199,6 +203,9 @@ def read_pairs(
     """
     def load(i: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = pairs[i].key
+        if big[i]:  # read now, into the slot just released: the other slot's buffer (an older pair's) is given back
+            bstream.drop(1 - slot)
+            tstream.drop(1 - slot)
         return bstream.read(key, slot=slot), tstream.read(key, slot=slot)
 
     if not pairs:
@@ -213,6 +220,7 @@ def read_pairs(
                 slot = 1 - slot
                 pending = pool.submit(load, i + 1, slot)
             yield pair, w_base, w_tuned
+            del w_base, w_tuned  # released before the next read (a big pair reuses their slot's memory)
 
 
 # ---------------------------------------------------------------------------------------- pairing
@@ -306,19 +314,25 @@ def _family_pair(base: Checkpoint, key: str, shape: tuple[int, ...], mods: list[
 
 
 def pair_tensors(
-    base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = ()
+    base: Checkpoint, tuned: Checkpoint, include: Iterable[str] = (), exclude: Iterable[str] = (),
+    router: str = "lora",
 ) -> tuple[list[TensorPair], list[dict]]:
     """Tensors to compare, in TUNED's key order, and ``{"name", "reason"}`` rows for the rest.
 
     When BASE is a model family's single file or pipeline folder (see :func:`family_of`) its matrices are paired as
     the family's modules (canonical names, fused tensors split by rows); tensors the family does not map are skipped
     with the family's reason (VAE, EMA…), except 1-D ones of the model (biases, norms), which are paired as vectors.
+    Routed experts are paired by canonical expert module across layouts (:func:`loratools.moe.plan_experts`); the
+    MoE router is skipped with ``router="skip"``.
     """
+    from loratools.moe import ExpertPairs, plan_experts
+
     include, exclude = list(include), list(exclude)
+    experts = plan_experts(base, tuned, include, exclude, router) or ExpertPairs()
     bkeys, tkeys = set(base.keys()), tuned.keys()
     pairs: list[TensorPair] = []
-    skipped: list[dict] = []
-    common = 0
+    skipped: list[dict] = list(experts.skipped)
+    common = len(experts.pairs)
     naming = base.family_naming() if family_of(base, tuned) else None
     by_key: dict[str, list[tuple[str, ModuleRef]]] = {}
     owner: dict[str, str] = {}  # bias key of a module stored whole → its canonical name
@@ -331,6 +345,9 @@ def pair_tensors(
         aux = tuned.quant.reason(key) or base.quant.reason(key)
         if aux:  # fp8 scales and markers
             skipped.append({"name": key, "reason": aux})
+            continue
+        if key in experts.tuned_keys:
+            pairs += [experts.pairs[key]] if key in experts.pairs else []
             continue
         if key not in bkeys:
             skipped.append({"name": key, "reason": "only in tuned checkpoint"})
@@ -363,7 +380,7 @@ def pair_tensors(
         pairs.append(TensorPair(key, mod, ts, tensor_kind(key, ts)))
     tset = set(tkeys)
     skipped += [{"name": k, "reason": base.quant.reason(k) or "only in base checkpoint"}
-                for k in base.keys() if k not in tset]
+                for k in base.keys() if k not in tset and k not in experts.base_keys]
     if common == 0:
         example = next((s["name"] + ": " + s["reason"] for s in skipped), "both are empty")
         raise LoraToolsError(
@@ -445,6 +462,9 @@ class ExtractOptions:
     format: str = "peft"
     power_iters: int = 6
     power_tol: float = 0.005
+    #: rank rule of routed experts (``--expert-rank``; None: ``rule``), what becomes of the MoE router (``--router``)
+    expert_rule: RankRule | None = None
+    router: str = "full"
 
 
 @dataclass
@@ -492,7 +512,8 @@ def _check_finite(t: torch.Tensor, ckpt: Checkpoint, key: str) -> None:
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         raise LoraToolsError(
-            f"{ckpt.file_of(key)}: tensor {key} {list(t.shape)} has {int(bad.sum())} non-finite values (NaN/Inf)"
+            f"{ckpt.file_of(key) if key in ckpt else ckpt.path}: tensor {key} {list(t.shape)} has {int(bad.sum())} "
+            "non-finite values (NaN/Inf)"
         )
 
 
@@ -525,11 +546,33 @@ def _tied_head_warning(base: Checkpoint, tuned: Checkpoint, layers: dict[str, Lo
     return []
 
 
+def _pair_diff(
+    pair: TensorPair, w_base: torch.Tensor, w_tuned: torch.Tensor, bstream: TensorStream, tstream: TensorStream,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, float, float]:
+    """:func:`_read_diff` of a pair, or ``(None, 0, 0)`` for a fused 3-D expert tensor: its experts are diffed one by
+    one in :func:`_unit_diff`, so no float32 copy of the whole [E, …] tensor is ever made (peak memory: the two
+    stored tensors, not four float32 ones)."""
+    if pair.parts and all(u.ref is not None and u.ref.expert is not None for u in pair.parts):
+        return None, 0.0, 0.0
+    return _read_diff(w_base, w_tuned, bstream, tstream, pair.key, device)
+
+
 def _unit_diff(
-    unit: TensorPair, diff: torch.Tensor, base_norm: float, total: float, w_base: torch.Tensor, device: torch.device,
+    unit: TensorPair, diff: torch.Tensor | None, base_norm: float, total: float, w_base: torch.Tensor,
+    device: torch.device, w_tuned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """``(ΔW, ‖W_base‖, ‖ΔW‖²)`` of one module of a pair: the whole tensor's, or its rows (transposed back) of a
-    fused or transposed tensor, measured on that part alone."""
+    fused or transposed tensor, measured on that part alone (``diff`` None: from the stored ``w_tuned`` and
+    ``w_base``, NaN/Inf an error naming the module)."""
+    if diff is None:
+        wb = unit.ref.take(w_base).to(device=device, dtype=torch.float32)
+        part = unit.ref.take(w_tuned).to(device=device, dtype=torch.float32) - wb
+        total, base_sq = frobenius_sq(part), frobenius_sq(wb)
+        if not (math.isfinite(total) and math.isfinite(base_sq)):
+            raise LoraToolsError(f"tensor {unit.key}: module {unit.module} {list(unit.shape)} has non-finite values "
+                                 "(NaN/Inf) in base or tuned")
+        return part, base_sq**0.5, total
     if unit.whole:
         return diff, base_norm, total
     part = unit.ref.take(diff).contiguous()
@@ -568,12 +611,11 @@ def _extract_pair(
     if reason:
         return [("skipped", u, u.describe(reason=reason), None) for u in pair.units()]
     floor = noise_floor_sq(bck, tck, key, w_base, w_tuned, bstream.read, tstream.read)
-    whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, key, device)
-    del w_tuned
+    whole_diff, whole_norm, whole_total = _pair_diff(pair, w_base, w_tuned, bstream, tstream, device)
     out_dtype = opt.dtype or lora_dtype(bck, tck, key)
     outs: list[tuple[str, TensorPair, dict | None, object]] = []
     for unit in pair.units():
-        diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device)
+        diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, device, w_tuned)
         rel = math.sqrt(total) / base_norm if base_norm > 0 else (math.inf if total > 0 else 0.0)
         if total == 0:
             outs.append(("skipped", unit, unit.describe(reason="unchanged (ΔW = 0)"), None))
@@ -592,12 +634,14 @@ def _extract_pair(
             outs.append(("vector", unit, row, value))
             continue
         rule = opt.conv_rule if unit.kind == "conv" and opt.conv_rule is not None else opt.rule
+        rule = opt.expert_rule if unit.kind == "expert" and opt.expert_rule is not None else rule
         row, layer = _extract_layer(diff, unit, rule, total, base_norm, out_dtype, opt)
         del diff
         if layer is None:
             outs.append(("skipped", unit, unit.describe(reason=row["reason"]), None))
             continue
         row["time_s"] = time.perf_counter() - t_layer
+        t_layer = time.perf_counter()  # the next module of a fused tensor (experts) is timed on its own
         row.update(unit_noise(floor, unit.ref.rows if unit.ref is not None else None, total))
         row["fingerprint"] = (unit.shape, total, base_norm)
         outs.append(("layer", unit, row, layer))
@@ -619,8 +663,14 @@ def extract(
         raise LoraToolsError(f"--clamp-quantile must be in (0, 1], got {opt.clamp_quantile}")
     device = resolve_device(opt.device)
     family = family_of(bck, tck)
-    pairs, skipped = pair_tensors(bck, tck, opt.include, opt.exclude)
-    bstream, tstream = TensorStream(bck), TensorStream(tck)
+    from loratools.moe import ROUTER_MODES, base_stream, plan_experts
+
+    if opt.router not in ROUTER_MODES:
+        raise LoraToolsError(f"--router must be one of {', '.join(ROUTER_MODES)}, got {opt.router!r}")
+    pairs, skipped = pair_tensors(bck, tck, opt.include, opt.exclude, opt.router)
+    experts = plan_experts(bck, tck)
+    save_full = opt.save_full + (sorted(experts.routers.values()) if experts and opt.router == "full" else [])
+    bstream, tstream = base_stream(bck, tck), TensorStream(tck)
     layers: dict[str, LoraLayer] = {}
     rows: list[dict] = []
     vectors: list[dict] = []
@@ -628,7 +678,8 @@ def extract(
     full_modules: set[str] = set()
     seen: dict[tuple, str] = {}  # fingerprint of (shape, ‖ΔW‖², ‖W‖) → first key, for tied weights
     by_key: dict[str, LoraLayer] = {}
-    outcomes = parallel_map(pairs, lambda item: _extract_pair(*item, bstream, tstream, device, opt),
+    work_opt = replace(opt, save_full=save_full)  # the MoE routers saved in full with --router full
+    outcomes = parallel_map(pairs, lambda item: _extract_pair(*item, bstream, tstream, device, work_opt),
                             [pair_cost(p, opt.rule) for p in pairs], [p.key for p in pairs],
                             feed=lambda mine: read_pairs(mine, bstream, tstream), progress=progress)
     for pair, outs in zip(pairs, outcomes):  # in the pairs' order, whichever rank computed them
@@ -669,6 +720,11 @@ def extract(
             f"module {both[0]} would be both a LoRA target and saved in full (--save-full matched only some of its "
             "tensors, e.g. the bias); match the whole module or none of it"
         )
+    padded = 0
+    if experts is not None:
+        from loratools.moe import uniform_expert_ranks
+
+        padded = uniform_expert_ranks(layers)
     warnings = _tied_head_warning(bck, tck, layers) + bck.quant.notes + tck.quant.notes + noise_warnings(rows)
     adapter = Adapter(layers=dict(layers), format=opt.format, extra_tensors=extra, source=str(tck.path),
                       warnings=warnings, family=family, provenance={
@@ -687,6 +743,11 @@ def extract(
         "skipped": len(skipped), "changed_vectors": len(vectors), "saved_full": sorted(full_modules),
         "wall_time_s": time.perf_counter() - t0,
     }
+    if experts is not None:
+        from loratools.moe import expert_summary
+
+        summary["experts"] = expert_summary(rows, skipped, experts, opt.router, full_modules, padded)
+        summary["expert_rule"] = (opt.expert_rule or opt.rule).describe()
     if opt.clamp_quantile is not None:
         summary["clipped_values"] = sum(r.get("clipped", 0) for r in rows)
     return ExtractResult(adapter, rows, skipped, vectors, sorted(full_modules), summary)
@@ -787,8 +848,10 @@ def spectrum(
     tck = in_base_layout(bck, tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned))
     dev = resolve_device(device)
     family = family_of(bck, tck)
+    from loratools.moe import base_stream
+
     pairs, skipped = pair_tensors(bck, tck, include, exclude)
-    bstream, tstream = TensorStream(bck), TensorStream(tck)
+    bstream, tstream = base_stream(bck, tck), TensorStream(tck)
     rows, vectors = [], []
 
     def work(item: tuple[TensorPair, torch.Tensor, torch.Tensor]) -> list[tuple[str, dict]]:
@@ -798,10 +861,10 @@ def spectrum(
         if reason:
             return [("skipped", u.describe(reason=reason)) for u in pair.units()]
         floor = noise_floor_sq(bck, tck, pair.key, w_base, w_tuned, bstream.read, tstream.read)
-        whole_diff, whole_norm, whole_total = _read_diff(w_base, w_tuned, bstream, tstream, pair.key, dev)
+        whole_diff, whole_norm, whole_total = _pair_diff(pair, w_base, w_tuned, bstream, tstream, dev)
         outs = []
         for unit in pair.units():
-            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, dev)
+            diff, base_norm, total = _unit_diff(unit, whole_diff, whole_norm, whole_total, w_base, dev, w_tuned)
             if unit.kind in ("vector", "other") and total > 0:
                 outs.append(("vector", {"name": unit.key, "shape": list(unit.shape),
                                         "relative_norm": math.sqrt(total) / base_norm if base_norm else None}))

@@ -143,7 +143,10 @@ class Quantization:
         return key in self.scales
 
     def fp8_dtype(self, key: str) -> torch.dtype | None:
-        """The fp8 format ``key`` is stored in (scaled or plain), or None."""
+        """The fp8 format ``key`` is stored in (scaled or plain), or None (also for a tensor the checkpoint does not
+        hold as such: a 3-D expert tensor assembled from per-expert ones)."""
+        if key not in self.ckpt:
+            return None
         dt = self.ckpt.dtype(key)
         return dt if dt in FP8_DTYPES and key not in self.aux else None
 
@@ -317,7 +320,7 @@ def noise_floor_sq(base: Checkpoint, tuned: Checkpoint, key: str, w_base: torch.
 def lora_dtype(base: Checkpoint, tuned: Checkpoint, key: str) -> torch.dtype:
     """The dtype of extracted factors by default: TUNED's, unless 8-bit (then BASE's, unless 8-bit too: bfloat16,
     whose rounding is far below the fp8 noise of the weights themselves)."""
-    for dt in (tuned.dtype(key), base.dtype(key)):
+    for dt in (ck.dtype(key) for ck in (tuned, base) if key in ck):
         if dt.is_floating_point and dt.itemsize > 1:
             return dt
     return torch.bfloat16

@@ -38,6 +38,10 @@ class FamilyView:
     def quant(self) -> Dequantized:
         return self._quantization
 
+    def expert_refs(self) -> dict[str, ModuleRef]:
+        """No routed experts: DiT families have none (MoE layouts pair through :mod:`loratools.moe`)."""
+        return {}
+
     def keys(self) -> list[str]:
         return [*self._mods, *self._plain]
 

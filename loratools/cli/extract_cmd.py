@@ -54,6 +54,10 @@ def checkpoint_options(fn):
 @click.option("-o", "--output", "--out", "out", required=True, type=click.Path(), help="Output: PEFT folder or kohya .safetensors file.")
 @rank_rule_options
 @click.option("--conv-rank", type=int, default=None, help="Fixed rank for conv layers (default: the main rule).")
+@click.option("--expert-rank", type=click.IntRange(min=1), default=None,
+              help="Fixed rank for each routed MoE expert (default: the main rule, applied to each expert alone).")
+@click.option("--router", type=click.Choice(["full", "skip", "lora"]), default="full", show_default=True,
+              help="MoE router (mlp.gate): saved in full (PEFT modules_to_save), skipped, or decomposed as a LoRA.")
 @click.option("--to", "--format", "out_format", default=FORMATS[0], type=click.Choice(FORMATS), show_default=True,
               help="Output format. --format is the older spelling.")
 @dtype_option
@@ -76,7 +80,7 @@ def checkpoint_options(fn):
 @handle_errors
 @data_parallel("out")
 def extract_command(base, tuned, include, exclude, device, seed, out, rank, energy, ratio, threshold, max_rank,
-                    conv_rank, out_format, dtype, exact, power_iters, power_tol, clamp_quantile, save_full, min_diff,
+                    conv_rank, expert_rank, router, out_format, dtype, exact, power_iters, power_tol, clamp_quantile, save_full, min_diff,
                     family, kohya_style, as_json, force, quiet):
     """Extract a LoRA approximating TUNED − BASE by (randomized) truncated SVD, layer by layer.
 
@@ -100,6 +104,7 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
         include=list(include), exclude=list(exclude), save_full=list(save_full), device=device,
         dtype=parse_dtype(dtype), exact=exact, seed=seed, clamp_quantile=clamp_quantile, min_diff=min_diff,
         format=out_format, power_iters=power_iters, power_tol=power_tol,
+        expert_rule=RankRule("rank", expert_rank, max_rank) if expert_rank else None, router=router,
     )
     result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet))
     if worker_done():
@@ -135,6 +140,11 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
         ("retained energy", f"mean {s['mean_retained_energy']:.4f}, min {s['min_retained_energy']:.4f}"),
         ("wall time", f"{s['wall_time_s']:.2f} s on {s['device']}"),
     ]
+    if s.get("experts"):
+        ex = s["experts"]
+        routers = ", ".join(sorted({r["handled"] for r in ex["routers"]})) or "none found"
+        lines.append(("experts", f"{ex['modules']} expert modules from {ex['tensors']} tensor(s), rule "
+                                 f"{s['expert_rule']}; router ({ex['router']}): {routers}"))
     if "clipped_values" in s:
         lines.append(("clamp", f"{s['clipped_values']:,} factor values clipped at quantile {clamp_quantile}"))
     click.echo(tabulate(lines, tablefmt="plain"))
