@@ -175,6 +175,10 @@ class FullLayer(Layer):
         return out
 
 
+#: prefix of ``Adapter.extra_tensors`` keys before the parameter name (PEFT's own key of a ``modules_to_save`` tensor)
+EXTRA_PREFIX = "base_model.model."
+
+
 def lora_scale(alpha: float | None, rank: int, rslora: bool = False) -> float:
     """PEFT / kohya scale: alpha / r (alpha / √r with rsLoRA); no alpha means scale 1."""
     if rank == 0:
@@ -196,6 +200,7 @@ class Adapter:
     format: str
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: full tensors that replace model parameters (PEFT ``modules_to_save``), keyed ``EXTRA_PREFIX + parameter name``
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     resolved: bool = True

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from loratools import dora
-from loratools.adapter import Adapter, Layer
+from loratools.adapter import EXTRA_PREFIX, Adapter, FullLayer, Layer
 from loratools.checkpoint import Checkpoint, ModuleRef, is_safetensors
 from loratools.device import resolve_device
 from loratools.distributed import current, parallel_map, world
@@ -52,11 +52,9 @@ def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: l
     cleanly. A module stored in rows of a fused tensor (OpenCLIP ``in_proj``) patches those rows only."""
     plan: Plan = {}
     for (ad, w), label in zip(adapters, labels):
-        if ad.extra_tensors:
-            raise LoraToolsError(
-                f"{label}: carries {len(ad.extra_tensors)} modules_to_save / extra tensor(s) "
-                f"(e.g. {next(iter(ad.extra_tensors))}); bake applies LoRA deltas only, refusing rather than dropping them"
-            )
+        for k, t in ad.extra_tensors.items():
+            layer, ref = _saved_tensor(ckpt, k, t, label)
+            plan.setdefault(ref.key, []).append((layer, w, ref))
         for name, layer in ad.layers.items():
             ref = ckpt.module_ref(name)
             if ref is None:
@@ -76,6 +74,25 @@ def plan_bake(ckpt: Checkpoint, adapters: list[tuple[Adapter, float]], labels: l
     return plan
 
 
+def _saved_tensor(ckpt: Checkpoint, key: str, value: torch.Tensor, label: str) -> tuple[FullLayer, ModuleRef]:
+    """A ``modules_to_save`` tensor as the full difference it makes to its base parameter (PEFT's
+    ``merge_and_unload`` puts the saved copy in place of the parameter: at weight w, ``W + w·(saved − W)``)."""
+    param = key.removeprefix(EXTRA_PREFIX)
+    module, _, leaf = param.rpartition(".")
+    ref = ckpt.module_ref(module) if leaf == "weight" else None
+    if ref is None and param in ckpt:
+        ref = ModuleRef(param)
+    if ref is None:
+        raise LoraToolsError(f"{label}: saved tensor {key} {list(value.shape)} (modules_to_save) matches no parameter "
+                             f"of base {ckpt.path}")
+    base = ckpt.read_ref(ref)
+    if tuple(base.shape) != tuple(value.shape):
+        raise LoraToolsError(f"{label}: saved tensor {key} has shape {list(value.shape)} but base {ref.key} is "
+                             f"{list(base.shape)}; adapter for another base model?")
+    work = torch.float64 if torch.float64 in (value.dtype, base.dtype) else torch.float32
+    return FullLayer(diff=value.to(work) - base.to(work)), ref
+
+
 def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float, ModuleRef]]) -> torch.Tensor:
     """``weight`` with each (layer, w) applied in order to its module's part of the tensor (DoRA layers
     renormalise; see module doc)."""
@@ -88,8 +105,11 @@ def apply_layers(weight: torch.Tensor, items: list[tuple[Layer, float, ModuleRef
 
 def apply_layer(current: torch.Tensor, layer: Layer, w: float) -> torch.Tensor:
     """One module's weight with ``w``·ΔW of ``layer`` applied (DoRA: the source library's formula)."""
-    left, right = (f.to(current.device) for f in layer.factors(current.dtype))
-    delta = (left @ right.T).reshape(current.shape)
+    if isinstance(layer, FullLayer):  # dense already: no product with an identity factor
+        delta = layer.delta(current.dtype).to(current.device).reshape(current.shape)
+    else:
+        left, right = (f.to(current.device) for f in layer.factors(current.dtype))
+        delta = (left @ right.T).reshape(current.shape)
     if layer.magnitude is None:
         return current + w * delta
     axis, mag = layer.magnitude_axis, layer.magnitude.to(current.device, current.dtype).reshape(-1)

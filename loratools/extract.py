@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter, LoraLayer
+from loratools.adapter import EXTRA_PREFIX, Adapter, LoraLayer
 from loratools.checkpoint import DTYPES, Checkpoint, ModuleRef, is_safetensors
 from loratools.device import resolve_device
 from loratools.distributed import parallel_map
@@ -692,7 +692,7 @@ def extract(
                 if row is not None:
                     vectors.append(row)
                 if value is not None:
-                    extra[f"base_model.model.{_param_name(unit)}"] = value
+                    extra[EXTRA_PREFIX + _param_name(unit)] = value
                     full_modules.add(unit.module)
             elif unit.whole and fp in seen and torch.equal(
                     bstream.read(key), bstream.read(seen[fp])) and torch.equal(tstream.read(key), tstream.read(seen[fp])):

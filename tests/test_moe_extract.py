@@ -392,6 +392,13 @@ def test_router_saved_in_full_loads_in_peft(tmp_path):
     assert (got - want).abs().max() <= 1e-4
     with model.disable_adapter(), torch.no_grad():
         assert (model(ids).logits - want).abs().max() > 1e-2
+    # bake applies the saved router in place of the base's, as PEFT's merge_and_unload does
+    bake(tmp_path / "base", [(tmp_path / "lora", 1.0)], tmp_path / "baked")
+    merged = model.merge_and_unload().state_dict()
+    baked = Checkpoint(tmp_path / "baked")
+    for li in range(LAYERS):
+        for name in (f"model.layers.{li}.mlp.gate.weight", f"model.layers.{li}.self_attn.v_proj.weight"):
+            assert (baked.get(name) - merged[name]).abs().max() <= 1e-6, name
 
 
 def test_per_expert_energy_rule_padded_so_peft_loads(qwen_dirs, tmp_path):
