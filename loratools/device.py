@@ -22,3 +22,13 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device_name(device))
     except RuntimeError:
         raise LoraToolsError(f"unknown device {device!r}; expected auto, cpu or cuda") from None
+
+
+def on_device(layer, device: torch.device):
+    """``layer`` (a canonical layer dataclass) with its tensors on ``device``; the same object where they are there
+    already (CPU runs: no copy, the bytes of a single run unchanged)."""
+    import dataclasses
+
+    moved = {f.name: v.to(device) for f in dataclasses.fields(layer)
+             if isinstance(v := getattr(layer, f.name), torch.Tensor) and v.device != device}
+    return dataclasses.replace(layer, **moved) if moved else layer

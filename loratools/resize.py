@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
+from loratools.device import on_device, resolve_device
 from loratools.distributed import parallel_map
 from loratools.errors import LoraToolsError
 from loratools.layers import exact_svd
@@ -136,8 +137,10 @@ def resize_adapter(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> tuple[Adapter, ResizeReport]:
-    """Resize (``rule``; ``conv_rule`` for conv layers), prune and filter ``adapter``.
+    """Resize (``rule``; ``conv_rule`` for conv layers), prune and filter ``adapter``; the factored SVDs run on
+    ``device`` (``cuda``: each torchrun rank's own GPU).
 
     Returns a new :class:`Adapter` (same format, metadata and config; writers update rank/alpha
     metadata) and a :class:`ResizeReport`. ``rule=None`` keeps every layer's rank (prune/filter only).
@@ -155,6 +158,8 @@ def resize_adapter(
     if prune is not None:
         threshold = prune.value * (max(norms.values(), default=0.0) if prune.relative else 1.0)
 
+    dev, cpu = resolve_device(device), torch.device("cpu")
+
     def work(item: tuple[str, Layer]) -> tuple[LayerResize, Layer | None, str | None]:
         name, layer = item
         params = layer.num_params
@@ -166,6 +171,7 @@ def resize_adapter(
         if threshold is not None and norms[name] < threshold:
             return LayerResize(**base, new_rank=0, fro_norm=norms[name], retained_energy=0.0, relative_error=1.0,
                                action="pruned", params_after=0), None, None
+        layer = on_device(layer, dev)
         u, s, vh = layer_svd(layer)
         r = conv_rule if (conv_rule is not None and layer.is_conv) else rule
         energy = s.double().square()
@@ -178,8 +184,8 @@ def resize_adapter(
                 f"{name}: the rank rule keeps no singular value; layer dropped"
         if r is None or (k >= layer.rank and isinstance(layer, LoraLayer)):
             return LayerResize(**base, new_rank=layer.rank, fro_norm=norm, retained_energy=1.0, relative_error=0.0,
-                               action="kept", params_after=params), layer, None
-        new = truncate_layer(layer, u, s, vh, k)
+                               action="kept", params_after=params), item[1], None
+        new = on_device(truncate_layer(layer, u, s, vh, k), cpu)
         lost = float(energy[k:].sum())
         return LayerResize(**base, new_rank=k, fro_norm=norm, retained_energy=(total - lost) / total if total > 0 else 1.0,
                            relative_error=math.sqrt(lost / total) if total > 0 else 0.0, action="resized",

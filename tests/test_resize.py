@@ -199,3 +199,22 @@ def test_resize_lycoris_layers_loha_lokr_full(samples, tmp_path, cli):
         ref, _ = dense_truncation(layer.delta(torch.float64), 3)
         assert new.layers[name].rank == 3 and new.layers[name].shape == layer.shape
         assert rel(new.layers[name].delta(torch.float64), ref) < 2e-3, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA only"))])
+def test_resize_device(cli, samples, tmp_path, device):
+    """--device runs the factored SVDs there: the same ranks and, to float32 precision, the same ΔW as the default
+    CPU run (CPU: the same bytes); a CUDA device on a machine without one is a one-line error."""
+    ref, out = tmp_path / "ref", tmp_path / device
+    cli.ok("resize", samples / "peft_lora", "--rank", "4", "-o", ref, "-q")
+    cli.ok("resize", samples / "peft_lora", "--rank", "4", "-o", out, "--device", device, "-q")
+    a, b = load_adapter(ref), load_adapter(out)
+    for name, la in a.layers.items():
+        want, got = la.delta(torch.float64), b.layers[name].delta(torch.float64)
+        assert b.layers[name].rank == la.rank and float((got - want).norm()) <= 1e-5 * float(want.norm())
+    if device == "cpu":
+        assert (ref / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    if not torch.cuda.is_available():
+        cli.fails("resize", samples / "peft_lora", "--rank", "4", "-o", tmp_path / "x", "--device", "cuda",
+                  match="CUDA is not available")

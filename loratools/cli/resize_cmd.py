@@ -60,13 +60,15 @@ def _size(n: int) -> str:
 @family_option
 @kohya_style_option
 @expert_layout_option
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda[:N] or auto for the factored SVDs (under torchrun: each rank's own GPU).")
 @json_option
 @quiet_option
 @handle_errors
 @data_parallel("out")
 def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_rank, prune_below, prune_relative,
                    include, exclude, to_format, base, in_format, dtype, force, allow_nonfinite, family, kohya_style,
-                   expert_layout, as_json, quiet):
+                   expert_layout, device, as_json, quiet):
     """Resize ADAPTER exactly in factored space (QR of both factors + small SVD; ΔW is never formed).
 
     Each kept layer becomes the best rank-k approximation of its ΔW (Eckart–Young), stored as
@@ -101,7 +103,7 @@ def resize_command(adapter, out, rank, energy, ratio, threshold, max_rank, conv_
     if rule is not None:  # a fused output (Flux in sd-scripts / ComfyUI names): the rule acts on the fused ΔW it stores
         fuse_for(ad, to_format or ad.format, kohya_style)
     new, report = resize_adapter(ad, rule, conv_rule, prune, list(include), list(exclude),
-                                 progress=lambda it, n: progress(it, n, "resize", quiet))
+                                 progress=lambda it, n: progress(it, n, "resize", quiet), device=device)
     if worker_done():
         return
     fmt_out = to_format or ad.format
