@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -216,7 +215,7 @@ def session(out: str | os.PathLike | None, resume: bool, fingerprint: str) -> It
     w = world()
     journal = None
     if out is not None:
-        journal = Journal(Path(str(out) + Journal.SUFFIX), fingerprint)
+        journal = Journal.beside(out, fingerprint)
         w.from_main(lambda: journal.open(resume))
     previous, _SESSION = _SESSION, Session(journal=journal)
     try:

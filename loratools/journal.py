@@ -9,8 +9,10 @@ files of their own (bake's shards, written under :attr:`Journal.files`) are list
 digests and checked the same way.
 
 Every rank writes the records of the units it computed (a multi-node run needs the output folder on a shared
-filesystem, as it needs it for the output). Records are read with ``torch.load(weights_only=False)``: they are
-this program's own pickles, checked against their digests, never files from elsewhere.
+filesystem, as it needs it for the output). Records are read with ``torch.load(weights_only=True)``, only
+loratools' own result types allowed (:func:`safe_types`): a record planted next to the output runs no code, and one
+that does not load is recomputed. The folder is made at the first commit, so a run that fails before any work
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -71,10 +73,27 @@ class Journal:
         self.fingerprint = fingerprint
         self.loop = -1  # the command's current loop (parallel_map call), counted by load()
 
+    @classmethod
+    def beside(cls, out: str | os.PathLike, fingerprint: str) -> Journal:
+        """The journal of output ``out``: ``OUT.loratools-journal`` beside it (``-o DIR/`` too: never inside)."""
+        p = Path(os.path.abspath(out))
+        return cls(p.with_name(p.name + cls.SUFFIX), fingerprint)
+
     @property
     def files(self) -> Path:
-        """Where units whose results are files write them (bake's shards)."""
+        """Where units whose results are files write them (bake's shards); made on first use."""
+        self._create()
         return self.path / "files"
+
+    def _create(self) -> None:
+        meta = self.path / "meta.json"
+        if meta.is_file():
+            return
+        try:
+            (self.path / "files").mkdir(parents=True, exist_ok=True)
+            write_durable(meta, json.dumps({"fingerprint": self.fingerprint}).encode())
+        except OSError as exc:
+            raise LoraToolsError(f"{self.path}: cannot create the resume journal: {exc.strerror or exc}") from None
 
     def open(self, resume: bool) -> None:
         """Create the journal, or with ``resume`` continue an existing one; a stale journal without ``resume`` is an
@@ -86,6 +105,8 @@ class Journal:
                     f"{self.path}: journal of an interrupted run writing this output; pass --resume to continue it "
                     f"or delete {self.path} to start over"
                 )
+            if not meta.exists() and not any(RECORD.match(e) for e in os.listdir(self.path)):
+                return  # killed before its first record was complete: nothing to continue, nothing wrong
             try:
                 old = json.loads(meta.read_text()).get("fingerprint")
             except (OSError, ValueError, AttributeError):
@@ -96,11 +117,6 @@ class Journal:
                     f"--resume cannot continue it (delete {self.path} to start over)"
                 )
             return
-        try:
-            self.files.mkdir(parents=True)
-            write_durable(meta, json.dumps({"fingerprint": self.fingerprint}).encode())
-        except OSError as exc:
-            raise LoraToolsError(f"{self.path}: cannot create the resume journal: {exc.strerror or exc}") from None
 
     def load(self, names: Sequence[str]) -> dict[int, Any]:
         """Start the command's next loop; the results of its units already committed (by index)."""
@@ -118,8 +134,12 @@ class Journal:
             data = (self.path / entry).read_bytes()
             if i >= len(names) or hashlib.sha256(data).hexdigest() != digest:
                 continue
-            record = torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
-            if record.get("name") != names[i] or not all(
+            try:
+                with torch.serialization.safe_globals(safe_types()):
+                    record = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            except Exception:  # not a record of ours (or of another version): recompute the unit
+                continue
+            if not isinstance(record, dict) or record.get("name") != names[i] or not all(
                     (self.files / rel).is_file() and file_digest(self.files / rel) == d
                     for rel, d in record.get("files", {}).items()):
                 continue
@@ -133,7 +153,16 @@ class Journal:
                     "files": {rel: file_digest(self.files / rel) for rel in files}}, buf)
         data = buf.getvalue()
         digest = hashlib.sha256(data).hexdigest()
+        self._create()
         write_durable(self.path / f"{self.loop}-{index:06d}-{digest}.pt", data)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def safe_types() -> list:
+    """The classes a unit result may hold (loaded with ``weights_only=True``): loratools' layers, pairs and rows."""
+    from loratools import adapter, checkpoint, extract, layers, merge, resize
+
+    return [adapter.LoraLayer, adapter.FullLayer, layers.TuckerLoraLayer, layers.LohaLayer, layers.LokrLayer,
+            checkpoint.ModuleRef, extract.TensorPair, resize.LayerResize, merge.LayerMerge]

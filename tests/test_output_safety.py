@@ -434,3 +434,15 @@ def test_bake_writes_only_the_weights_it_baked(cli, ws):
     assert "warning: left out 3 weight file(s)" in res.stderr
     assert "pytorch_model.bin" in res.stderr and "tf_model.h5" in res.stderr
     assert snapshot(ws / "in") == before
+
+
+def test_trailing_slash_output_and_nothing_left_by_a_failed_run(cli, samples, tmp_path):
+    """``-o DIR/`` is the folder DIR (its resume journal beside it, never inside); a run that fails on its inputs
+    leaves no folder behind, not even the output's missing parents or a journal."""
+    out = tmp_path / "o4"
+    cli.ok("extract", "--base", samples / "base", "--tuned", samples / "tuned", "--rank", "2", "-o", f"{out}/", "-q")
+    assert (out / "adapter_config.json").is_file() and not (out / ".loratools-journal").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o4"]
+    cli.fails("extract", "--base", samples / "base", "--tuned", tmp_path / "nope", "-o",
+              tmp_path / "newdir" / "sub" / "out", match="nope")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o4"]
