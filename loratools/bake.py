@@ -153,6 +153,12 @@ def bake(
               for p, w in adapters]
     labels = [str(p) for p, _ in adapters]
     plan = plan_bake(ckpt, loaded, labels)
+    fp8 = [k for k in plan if ckpt.dtype(k).itemsize == 1 and ckpt.dtype(k).is_floating_point]
+    if fp8 and dtype is None:
+        raise LoraToolsError(
+            f"{base}: {len(fp8)} adapted weight(s) are stored in {str(ckpt.dtype(fp8[0])).removeprefix('torch.')} "
+            f"(e.g. {fp8[0]}): written back in fp8, most of a LoRA's ΔW rounds away; pass --dtype bf16 "
+            "(or fp16 / fp32)")
     is_dir = ckpt.path.is_dir()
     modified = 0
     sizes: dict[Path, int] = {}  # weight file → bytes written

@@ -399,6 +399,7 @@ def merge_adapters(
         config={k: v for k, v in first.config.items() if k not in ("use_rslora", "use_dora")},
         extra_tensors=extra, warnings=[w for ad in adapters for w in ad.warnings] + warnings,
         resolved=all(ad.resolved for ad in adapters), source="merge", provenance=merged_provenance(adapters),
+        family=first.family if all(ad.family == first.family for ad in adapters) else None,  # writers name by it
     )
     return merged, report
 

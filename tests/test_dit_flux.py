@@ -463,3 +463,28 @@ def test_clip_l_layers_of_a_flux_lora(tmp_path):
     d = write(tmp_path / "d", "diffusers", None, f)
     back = load_file(str(write(tmp_path / "k.safetensors", "kohya", None, d)))
     assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_untrained_fused_lora_keeps_every_module(tmp_path):
+    """A freshly initialised sd-scripts file (every lora_up zero) splits into every member module with the shared
+    down, and comes back bit for bit: nothing is dropped for having zero rows."""
+    f = tmp_path / "zero.safetensors"
+    state = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in _sd_scripts_lora().items()}
+    save_file(state, str(f))
+    ad = load_adapter(f)
+    assert len(ad.layers) == 50
+    back = load_file(str(write(tmp_path / "k.safetensors", "kohya", None, write(tmp_path / "d", "diffusers", None, f))))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_merge_of_sd_scripts_files_keeps_their_convention(tmp_path, cli):
+    """merge writes back in the inputs' convention: fused sd-scripts names, each fused ΔW the weighted sum."""
+    f = tmp_path / "sds.safetensors"
+    state = _sd_scripts_lora()
+    save_file(state, str(f))
+    cli.ok("merge", f"{f}:0.5", f"{f}:0.25", "-o", tmp_path / "m.safetensors", "-q")
+    got = load_file(str(tmp_path / "m.safetensors"))
+    assert {k.split(".")[0] for k in got} == {k.split(".")[0] for k in state}
+    want = _fused_deltas(f)
+    for stem, d in _fused_deltas(tmp_path / "m.safetensors").items():
+        assert float((d - 0.75 * want[stem]).norm()) <= 1e-5 * float(want[stem].norm()), stem

@@ -249,6 +249,11 @@ def test_plain_fp8_read_as_stored_with_a_warning(tmp_path, cli):
     save_file(tuned, tmp_path / "mixed.safetensors")
     cli.fails("extract", "--base", tmp_path / "base.safetensors", "--tuned", tmp_path / "mixed.safetensors",
               "-o", tmp_path / "out2", match="without a scale_weight")
+    # baking into the plain fp8 file: fp8 output would round the ΔW away, so --dtype is required
+    cli.fails("bake", tmp_path / "out", "--base", tmp_path / "plain.safetensors", "-o", tmp_path / "b.safetensors",
+              match="pass --dtype bf16")
+    cli.ok("bake", tmp_path / "out", "--base", tmp_path / "plain.safetensors", "-o", tmp_path / "b.safetensors",
+           "--dtype", "bf16", "-q")
 
 
 def test_bake_into_scaled_fp8_base(tmp_path, cli):

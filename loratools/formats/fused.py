@@ -83,10 +83,11 @@ def split_layer(layer: Layer, modules: list[Any], source: str, fused: bool = Tru
         raise LoraToolsError(f"{source}: up {tuple(lora.up.shape)} has {lora.shape[0]} rows, but the fused tensor of "
                              f"{', '.join(m.canonical for m in modules)} has {total}")
     out: dict[str, LoraLayer] = {}
+    trained = bool(lora.up.ne(0).any())  # an all-zero up (a freshly initialised LoRA) keeps every member as it is
     for m in modules:
         up = take_rows(m, lora.up)
         down = lora.down
-        if fused:
+        if fused and trained:
             keep = up.ne(0).any(dim=0)
             if not bool(keep.all()):
                 if not bool(keep.any()) and lora.magnitude is None:
