@@ -10,8 +10,8 @@ from pathlib import Path
 from loratools.checkpoint import Checkpoint
 from loratools.formats import load_adapter
 from loratools.formats.experts import coverage, expert_matcher
+from loratools.formats.trainer import guess_trainer
 from loratools.stats import adapter_summary, layer_report
-from loratools.trainer import guess_trainer
 
 Progress = Callable[[Iterable, int], Iterable]
 
