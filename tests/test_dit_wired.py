@@ -169,7 +169,11 @@ def test_non_diffusers_output_through_the_pipeline_converter(label, fmt, style, 
         hidden = _case(label).structure.hidden
         monkeypatch.setattr(lora_pipeline, "_convert_hunyuan_video_lora_to_diffusers", _patched(
             lcu._convert_hunyuan_video_lora_to_diffusers, "hidden_size = 3072", f"hidden_size = {hidden}"))
-        out = _diffusion_pipe(out, tmp_path / "dp.safetensors")
+        dp = _diffusion_pipe(out, tmp_path / "dp.safetensors")  # diffusion-pipe's names read by loratools too
+        ours, theirs = load_adapter(out, family=family), load_adapter(dp, family=family)
+        assert set(ours.layers) == set(theirs.layers)
+        assert all(same_factors(ours.layers[n], theirs.layers[n]) for n in ours.layers)
+        out = dp
     state = pipe.lora_state_dict(str(out))
     assert all(k.startswith("transformer.") for k in state)
     assert rel(_loaded(label, state), truth) <= 1e-5
