@@ -1,4 +1,4 @@
-"""SD3, Wan 2.1, Qwen-Image and HunyuanVideo end to end (modelled on ``test_dit_flux.py``), checked against diffusers.
+"""SD3, SD3.5-medium (dual attention), Wan 2.1, Qwen-Image and HunyuanVideo end to end (modelled on ``test_dit_flux.py``), checked against diffusers.
 
 For each family a tiny real diffusers transformer gets a PEFT LoRA on every Linear, saved by the family's diffusers
 pipeline; its forward output with the PEFT adapter is the truth. Every convention loratools writes (kohya original,
@@ -31,6 +31,7 @@ from loratools.linalg import RankRule
 #: test label (``test_families_dit`` tiny model) → (family, diffusers pipeline)
 FAMILIES = {
     "sd3": ("sd3", StableDiffusion3Pipeline),
+    "sd3_medium35": ("sd35_medium", StableDiffusion3Pipeline),
     "wan_t2v": ("wan21", WanPipeline),
     "qwen_image": ("qwen_image", QwenImagePipeline),
     "hunyuan_video": ("hunyuan_video", HunyuanVideoPipeline),
@@ -40,6 +41,8 @@ CONVENTIONS = [("kohya", "original", "k.safetensors"), ("kohya", "diffusers", "k
                ("comfy", None, "c.safetensors"), ("peft", None, "p"), ("diffusers", None, "d")]
 #: families whose original layout fuses projections: a fused name each family's kohya / ComfyUI files must hold
 FUSED = {"sd3": ("lora_unet_joint_blocks_0_x_block_attn_qkv", "diffusion_model.joint_blocks.0.context_block.attn.qkv"),
+         "sd3_medium35": ("lora_unet_joint_blocks_1_x_block_attn2_qkv",
+                          "diffusion_model.joint_blocks.0.x_block.attn2.qkv"),
          "hunyuan_video": ("lora_unet_single_blocks_0_linear1", "diffusion_model.double_blocks.0.txt_attn_qkv")}
 
 
@@ -57,7 +60,7 @@ def forward(label: str, model: torch.nn.Module) -> torch.Tensor:
         return torch.randn(*s, generator=g)
 
     enc = dict(encoder_hidden_states=r(1, 5, 16))
-    if label == "sd3":
+    if label.startswith("sd3"):
         kw = dict(hidden_states=r(1, 4, 8, 8), pooled_projections=r(1, 8), timestep=torch.tensor([10.0]))
     elif label == "wan_t2v":
         kw = dict(hidden_states=r(1, 4, 2, 8, 8), timestep=torch.tensor([10]))
