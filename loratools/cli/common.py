@@ -34,8 +34,9 @@ FORMATS = ("peft", "kohya", "diffusers", "comfy", "gguf")  # loratools.formats.F
 MERGE_METHODS = ("svd", "cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd",
                  "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # loratools.merge.METHODS
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")  # formats.common.COMPONENTS
-FAMILIES = ("sd15", "sd2", "sdxl", "sdxl_refiner", "flux_dev", "flux_schnell")  # loratools.families.FAMILIES
-FAMILY_ALIASES = ("flux",)  # loratools.families.ALIASES
+FAMILIES = ("sd15", "sd2", "sdxl", "sdxl_refiner", "flux_dev", "flux_schnell", "sd3", "sd35_medium", "sd35_large",
+            "wan21", "wan22", "qwen_image", "hunyuan_video")  # loratools.families.FAMILIES
+FAMILY_ALIASES = ("flux", "sd3.5", "sd35", "wan", "qwen", "qwen-image", "hunyuan", "hunyuan-video")  # loratools.families.ALIASES
 
 DTYPES = {
     "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",

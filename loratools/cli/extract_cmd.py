@@ -87,16 +87,23 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     Rank rule: --rank N (default 16), --energy F (keep F of ‖ΔW‖_F²), --ratio R (σᵢ ≥ σ₁/R) or
     --threshold T (σᵢ ≥ T), capped by --max-rank. The report gives each layer's rank, retained
     energy Σσᵢ²/‖ΔW‖² and relative Frobenius error (the Eckart–Young optimum for that rank).
+
+    Two-expert pipelines (Wan 2.2 A14B folders with transformer and transformer_2) give two adapters in one run:
+    OUT_high_noise… (transformer) and OUT_low_noise… (transformer_2); --json reports them under "experts".
     """
+    from loratools.experts import expert_output, expert_pairs
     from loratools.extract import ExtractOptions, extract, output_size
     from loratools.formats import check_base_for, check_output_name, output_is_folder, save_adapter
     from loratools.formats.common import check_output
     from loratools.formats.resolve import check_family
     from loratools.linalg import RankRule
 
+    experts = expert_pairs(base, tuned)  # Wan 2.2 A14B pipeline folders: one adapter per expert transformer
     out_path = check_output(out, force, [base, tuned], is_dir=output_is_folder(out_format))
     check_output_name(out_format, out_path)
     check_base_for(out_format, base)
+    for label, _, _ in experts:
+        check_output(expert_output(out_path, label), force, [base, tuned], is_dir=output_is_folder(out_format))
     rule = make_rule(rank, energy, ratio, threshold, max_rank, default=RankRule("rank", DEFAULT_RANK, max_rank))
     check_family(base, family)
     options = ExtractOptions(
@@ -106,6 +113,28 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
         format=out_format, power_iters=power_iters, power_tol=power_tol,
         expert_rule=RankRule("rank", expert_rank, max_rank) if expert_rank else None, router=router,
     )
+    if experts:
+        reports = []
+        for label, b, t in experts:
+            result = extract(b, t, options, progress=lambda it, n: progress(it, n, "extract", quiet))
+            if worker_done():
+                return
+            path = expert_output(out_path, label)
+            save_adapter(result.adapter, path, out_format, force=force, kohya_style=kohya_style, base=b)
+            s = {**result.summary, "expert": label, "component": b.name, "output": str(path),
+                 "file_size_bytes": output_size(path)}
+            reports.append({"layers": result.layers, "skipped": result.skipped, "summary": s,
+                            "warnings": result.adapter.warnings})
+        if as_json:
+            emit_json(clean_floats({"experts": reports, "distributed": distributed_report()}))
+            return
+        for r in reports:
+            s = r["summary"]
+            click.echo(f"{s['expert']} expert ({s['component']}): {s['output']} ({s['format']}, "
+                       f"{s['file_size_bytes']:,} bytes), {s['layers']} LoRA layers, retained energy mean "
+                       f"{s['mean_retained_energy']:.4f}, min {s['min_retained_energy']:.4f}")
+            echo_warnings(r["warnings"])
+        return
     result = extract(base, tuned, options, progress=lambda it, n: progress(it, n, "extract", quiet))
     if worker_done():
         return

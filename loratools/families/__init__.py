@@ -10,19 +10,25 @@ Registry: ``FAMILIES`` (name → family object with ``naming(keys=None)`` and ``
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from . import flux, sd
+from . import dit_registry, flux, sd
 from .base import LAYOUTS, ModuleMap
 
 #: the families loratools resolves adapters and checkpoints with (every format knows their conventions): the Stable
-#: Diffusion UNets and the Flux.1 transformers (fused projections split on reading, fused again by fused conventions)
-FAMILIES: dict[str, Any] = {**sd.SD_FAMILIES, **flux.FLUX_FAMILIES}
+#: Diffusion UNets and the DiT transformers — Flux.1, SD3/3.5, Wan 2.1/2.2, Qwen-Image, HunyuanVideo (fused
+#: projections split on reading, fused again by fused conventions)
+FAMILIES: dict[str, Any] = {**sd.SD_FAMILIES, **flux.FLUX_FAMILIES, **dit_registry.DIT_DESCRIBED}
+#: the DiT families, in the order adapter detection prefers them on a tie (Flux first: its names are the most used)
+DIT_FAMILIES: dict[str, Any] = {**flux.FLUX_FAMILIES, **dit_registry.DIT_DESCRIBED}
 #: every described family (all of them are registered now; kept for callers of the old name)
 DESCRIBED: dict[str, Any] = FAMILIES
 #: other names users give a family (``--family flux``)
-ALIASES: dict[str, str] = {"flux": "flux_dev"}
+ALIASES: dict[str, str] = {"flux": "flux_dev", "sd3.5": "sd35_large", "sd35": "sd35_large", "wan": "wan21",
+                           "qwen": "qwen_image", "qwen-image": "qwen_image", "hunyuan": "hunyuan_video",
+                           "hunyuan-video": "hunyuan_video"}
 
 
 def family_name(name: str) -> str:
@@ -57,23 +63,13 @@ def naming_for_layers(family: str, shapes: Mapping[str, tuple[int, ...]]):
 
 
 def pipeline_naming(family: str, configs: Mapping[str, Mapping[str, Any]], keys: Iterable[str] = ()):
-    """Name maps of ``family`` in the structure of a diffusers pipeline folder (its components' configs)."""
+    """Name maps of ``family`` in the structure of a diffusers pipeline folder (its components' configs; a DiT
+    family's structure from its transformer's keys)."""
     fam = get_family(family)
-    if isinstance(fam, flux.FluxFamily):  # a diffusers transformer: its structure from the folder's keys
-        return flux.FluxNaming(fam, flux.FluxStructure.from_keys(_transformer_keys(keys)))
+    own = getattr(fam, "pipeline_naming", None)
+    if own is not None:
+        return own(configs, keys)
     return sd.SDNaming(fam, sd.structure_from_pipeline(family, configs, keys))
-
-
-def _transformer_keys(keys: Iterable[str] | Mapping[str, Any]) -> Mapping[str, Any] | list[str]:
-    """A pipeline folder's transformer keys (``transformer.`` dropped; with their values for a mapping of shapes);
-    all keys where none has that component."""
-    ks = list(keys)
-    inner = [k for k in ks if k.startswith("transformer.")]
-    if not inner:
-        return keys if isinstance(keys, Mapping) else ks
-    if isinstance(keys, Mapping):
-        return {k[len("transformer."):]: keys[k] for k in inner}
-    return [k[len("transformer."):] for k in inner]
 
 
 def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
@@ -82,22 +78,21 @@ def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
 
 
 def detect_described_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
-    """:func:`detect_family` over every described family: SD first, then Flux; SD's answer stands only where the key
-    set has no Flux transformer blocks."""
-    ks = list(keys.keys()) if isinstance(keys, Mapping) else list(keys)
-    got = sd.detect(keys if isinstance(keys, Mapping) else ks)
-    if got is not None and not flux.claims(ks):
-        return got
-    return flux.detect(keys if isinstance(keys, Mapping) else ks)
+    """:func:`detect_family` over every described family: SD first, then the DiT families (HunyuanVideo, Qwen-Image,
+    SD3, Wan, then Flux: ``dit_registry.DETECT_ORDER``); SD's answer stands only where no DiT family claims the keys."""
+    ks = keys if isinstance(keys, Mapping) else list(keys)
+    dit = dit_registry.detect(ks) or flux.detect(ks)
+    got = sd.detect(ks)
+    return got if got is not None and dit is None else dit
 
 
 def detect_described_adapter(names: Iterable[str]) -> tuple[str, str] | None:
-    """:func:`detect_adapter` over every described family: SD's answer stands unless Flux names more transformer
-    modules than the best SD family names UNet modules (a Flux LoRA's CLIP-L ``lora_te1_`` names resolve in SD too;
-    its transformer names never do, nor do SD UNet names in Flux)."""
+    """:func:`detect_adapter` over every described family: SD's answer stands unless a DiT family names more
+    transformer modules than the best SD family names UNet modules (a Flux LoRA's CLIP-L ``lora_te1_`` names resolve
+    in SD too; its transformer names never do, nor do SD UNet names in a DiT)."""
     names = list(names)
     got = sd.detect_adapter(names)
-    fl = flux.detect_adapter_hits(names)
+    fl = dit_adapter_hits(names)
     if fl is None:
         return got
     if got is not None:
@@ -111,4 +106,25 @@ def detect_described_adapter(names: Iterable[str]) -> tuple[str, str] | None:
     return fl[0], fl[1]
 
 
-__all__ = ["ALIASES", "DESCRIBED", "FAMILIES", "family_name", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "naming_for_layers", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]
+def dit_adapter_hits(names: Iterable[str]) -> tuple[str, str, int] | None:
+    """``(family, convention, modules)``: the DiT family naming the most transformer modules of an adapter (first in
+    ``DIT_FAMILIES`` on a tie), its most common convention among them, how many modules; None if none."""
+    mods = {sd.adapter_module(k) for k in names}
+    best: tuple[int, str, Counter[str]] | None = None
+    for name, fam in DIT_FAMILIES.items():
+        nm = fam.naming()
+        covered: set[str] = set()
+        convs: Counter[str] = Counter()
+        for mod in mods:
+            found = nm.lookup_group(mod)
+            if found is not None:
+                covered.update(m.canonical for m in found[0])
+                convs[found[1]] += 1
+        if covered and (best is None or len(covered) > best[0]):
+            best = (len(covered), name, convs)
+    if best is None:
+        return None
+    return best[1], best[2].most_common(1)[0][0], best[0]
+
+
+__all__ = ["ALIASES", "DESCRIBED", "DIT_FAMILIES", "dit_adapter_hits", "FAMILIES", "family_name", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "naming_for_layers", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]

@@ -48,11 +48,10 @@ from functools import cache
 from typing import Any
 
 from .base import ModuleMap
-from .dit import DiTNaming
+from .dit import ORIGINAL_PREFIXES, DiTNaming, component_keys, strip_prefix  # noqa: F401  (re-exported)
 from .sd import adapter_module
 
 #: prefixes a BFL transformer key may carry in a checkpoint (longest first)
-ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 COMFY_PREFIX = "diffusion_model."
 
 # diffusers child ↔ BFL child, for the unfused modules of a double block
@@ -271,14 +270,6 @@ def _original_prefix(keys: list[str]) -> str:
     return ""
 
 
-def strip_prefix(name: str) -> str:
-    """A BFL key without ``model.diffusion_model.`` / ``diffusion_model.``."""
-    for p in ORIGINAL_PREFIXES[:-1]:
-        if name.startswith(p):
-            return name[len(p) :]
-    return name
-
-
 # ------------------------------------------------------------------------------------------ family
 @dataclass(frozen=True)
 class FluxFamily:
@@ -303,6 +294,10 @@ class FluxFamily:
         """``(name, layout)`` when a checkpoint key set is this family, else None."""
         got = detect(keys)
         return got if got is not None and got[0] == self.name else None
+
+    def pipeline_naming(self, configs: Mapping[str, Mapping[str, Any]], keys: Iterable[str] | Mapping[str, Any]):
+        """Name maps of a diffusers pipeline folder's transformer (its structure from its ``transformer.`` keys)."""
+        return FluxNaming(self, FluxStructure.from_keys(component_keys(keys, "transformer")))
 
     def naming_for_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> FluxNaming:
         """Name maps in the structure an *adapter's* layers imply: ``shapes`` maps layer names (any convention,
@@ -394,150 +389,21 @@ def detect(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
 
 
 # ------------------------------------------------------------------------------------------ naming
-def _mangle(path: str) -> str:
-    return path.replace(".", "_")
-
-
 class FluxNaming(DiTNaming):
-    """All name conventions of one Flux structure; ``modules`` lists every mapped module in model order.
+    """All name conventions of one Flux structure (:class:`DiTNaming`), plus ComfyUI's
+    ``diffusion_model.single_blocks.N.linear1_qkv`` (rows ``[0:3h]`` of linear1: q, k, v)."""
 
-    Mangled names (kohya, OneTrainer, LyCORIS) are resolved through a table of every generated name,
-    never by un-mangling ``_``.
-    """
+    label = "Flux"
 
     def __init__(self, family: FluxFamily, structure: FluxStructure) -> None:
-        self.family = family
-        self.structure = structure
-        self.modules: list[FluxModuleMap] = structure.module_maps()
-        self._by_canonical = {m.canonical: m for m in self.modules}
-        self._by_original: dict[str, list[FluxModuleMap]] = {}
-        for m in self.modules:
-            self._by_original.setdefault(strip_prefix(m.original), []).append(m)
-        for group in self._by_original.values():
-            group.sort(key=lambda m: m.rows or (0, 0))
-        self._index: dict[str, tuple[str, str]] = {}
-        self._groups: dict[str, tuple[str, str]] = {}  # name → (bare BFL key of a fused tensor, convention)
-        self._comfy_qkv: dict[str, tuple[str, ...]] = {}
-        for m in self.modules:
-            c, path = m.canonical, m.path
-            self._add(c, c, "diffusers")
-            self._add(path, c, "diffusers")
-            self._add("lora_transformer_" + _mangle(path), c, "kohya_diffusers")
-            self._add("lycoris_" + _mangle(path), c, "lycoris")
-            bfl = strip_prefix(m.original)
-            names = [
-                ("lora_unet_" + _mangle(bfl), "kohya_original"),
-                (COMFY_PREFIX + bfl, "comfy"),
-                ("model.diffusion_model." + bfl, "original"),
-                (bfl, "original"),
-            ]
-            for name, conv in names:
-                if m.fused:
-                    self._group(name, bfl, conv)
-                else:
-                    self._add(name, c, conv)
+        super().__init__(family, structure)
+
+    def extra_groups(self) -> dict[str, tuple[tuple[str, ...], str]]:
+        out = {}
         for bfl, group in self._by_original.items():
             if bfl.endswith(".linear1"):
                 qkv = tuple(g.canonical for g in group if not g.path.endswith("proj_mlp"))
-                self._comfy_qkv[f"{COMFY_PREFIX}{bfl}_qkv"] = qkv
-
-    def _add(self, name: str, canonical: str, convention: str) -> None:
-        old = self._index.setdefault(name, (canonical, convention))
-        if old[0] != canonical or name in self._groups:
-            raise AssertionError(f"name {name!r} generated for both {old[0]} and {canonical}")
-
-    def _group(self, name: str, bfl: str, convention: str) -> None:
-        old = self._groups.setdefault(name, (bfl, convention))
-        if old[0] != bfl or name in self._index:
-            raise AssertionError(f"fused name {name!r} generated for both {old[0]} and {bfl}")
-
-    # ----------------------------------------------------------------------------- module access
-    def module(self, canonical: str) -> FluxModuleMap:
-        """The ModuleMap of a canonical name (KeyError if this structure has no such module)."""
-        return self._by_canonical[canonical]
-
-    def by_original(self, original: str) -> list[FluxModuleMap]:
-        """Modules stored in one BFL tensor (any prefix, ``.weight`` optional), fused ones in row order.
-
-        ``double_blocks.0.img_attn.qkv`` → to_q, to_k, to_v; ``single_blocks.0.linear1`` → to_q, to_k,
-        to_v, proj_mlp; an unfused key → its one module; unknown → [].
-        """
-        return list(self._by_original.get(strip_prefix(original.removesuffix(".weight")), ()))
-
-    def fused_name(self, canonical: str) -> str | None:
-        """The original (checkpoint) module key of the fused tensor holding a module, None if unfused.
-
-        ``transformer.transformer_blocks.0.attn.add_k_proj`` → ``double_blocks.0.txt_attn.qkv`` (with
-        the structure's prefix). A writer of a BFL-named convention emits that one name for the whole
-        ``by_original`` group (stacked downs, block-diagonal ups).
-        """
-        m = self.module(canonical)
-        return m.original if m.fused else None
-
-    # ------------------------------------------------------------------------------ conventions
-    def kohya_stem(self, canonical: str, style: str = "original") -> str:
-        """kohya LoRA stem. "original" (sd-scripts): ``lora_unet_`` + BFL path mangled, the *fused*
-        stem for a fused module (``lora_unet_double_blocks_0_img_attn_qkv`` for to_q, to_k and to_v);
-        "diffusers" (OneTrainer): ``lora_transformer_`` + diffusers path mangled."""
-        m = self.module(canonical)
-        if style == "original":
-            return "lora_unet_" + _mangle(strip_prefix(m.original))
-        if style == "diffusers":
-            return "lora_transformer_" + _mangle(m.path)
-        raise ValueError(f"kohya style is 'diffusers' or 'original', not {style!r}")
-
-    def comfy_key(self, canonical: str) -> str:
-        """ComfyUI-native LoRA key (no suffix): ``diffusion_model.<BFL path>`` (fused for fused modules)."""
-        return COMFY_PREFIX + strip_prefix(self.module(canonical).original)
-
-    def lookup(self, name: str) -> tuple[str, str] | None:
-        """``(canonical, convention)`` for a name of exactly one module, else None.
-
-        Conventions: "diffusers" (``transformer.…`` or bare path), "kohya_diffusers"
-        (``lora_transformer_…``), "lycoris", "kohya_original" (``lora_unet_<BFL>``), "comfy"
-        (``diffusion_model.<BFL>``), "original" (bare or ``model.diffusion_model.`` BFL key). A trailing
-        ``.weight`` is accepted. Fused BFL names answer None here: see ``lookup_group``. Note that
-        ``norm_out.linear``'s BFL names resolve but its rows are permuted (``FluxModuleMap.row_order``).
-        """
-        got = self._index.get(name)
-        if got is None and name.endswith(".weight"):
-            got = self._index.get(name[: -len(".weight")])
-        return got
-
-    def resolve(self, name: str) -> str | None:
-        """Canonical name of a module named in any convention (see ``lookup``), or None."""
-        got = self.lookup(name)
-        return got[0] if got else None
-
-    def lookup_group(self, name: str) -> tuple[list[FluxModuleMap], str] | None:
-        """``(modules, convention)`` for any name: one module, or all modules of a fused BFL name in
-        row order (ComfyUI's ``…linear1_qkv`` gives the q, k, v of linear1)."""
-        base = name.removesuffix(".weight")
-        got = self.lookup(base)
-        if got is not None:
-            return [self.module(got[0])], got[1]
-        grp = self._groups.get(base)
-        if grp is not None:
-            return self.by_original(grp[0]), grp[1]
-        if base in self._comfy_qkv:
-            return [self.module(c) for c in self._comfy_qkv[base]], "comfy"
-        return None
-
-    def unmapped(self, keys: Iterable[str]) -> dict[str, str]:
-        """Checkpoint tensors that are no adaptable module's weight, with the reason."""
-        mapped = {m.weight_key for m in self.modules}
-        out: dict[str, str] = {}
-        for k in keys:
-            if k in mapped:
-                continue
-            if k.startswith(("vae.", "first_stage_model.")):
-                out[k] = "VAE"
-            elif k.startswith(("text_encoders.", "cond_stage_model.", "conditioner.", "text_encoder")):
-                out[k] = "text encoder (not described by the Flux family)"
-            elif k.endswith((".bias", ".scale")) or ".norm" in k:
-                out[k] = "not a weight matrix"
-            else:
-                out[k] = "not an adaptable module"
+                out[f"{COMFY_PREFIX}{bfl}_qkv"] = (qkv, "comfy")
         return out
 
 

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .dit import DiTFamilyMixin, DiTNaming, blocks_seen, hidden_of
 from .dit_keys import (
     COMFY_PREFIX,
     DIFFUSERS_PREFIXES,
@@ -289,9 +290,31 @@ def _diffusers_prefix(keys: list[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ family
+class HunyuanVideoNaming(DiTNaming):
+    """:class:`DiTNaming` of HunyuanVideo, plus diffusion-pipe's ``transformer.<Tencent path>`` ("original": fused
+    names) and ComfyUI's internal ``diffusion_model.<Flux-style path>`` ("comfy") of every module."""
+
+    label = "HunyuanVideo"
+
+    def extra_names(self, module: Any, bare: str) -> list[tuple[str, str]]:
+        if self.structure.comfy_names:
+            return []
+        out = [(DIFFUSION_PIPE_PREFIX + bare, "original")]
+        internal = comfy_internal(bare)
+        if internal != bare:
+            out.append((COMFY_PREFIX + internal, "comfy"))
+        return out
+
+
+#: modules whose input width is the hidden size
+_HIDDEN_INPUT = r"(?:^|\.)(?:transformer_blocks|single_transformer_blocks)\.\d+\.(?:attn\.(?:to_[qkv]|add_[qkv]_proj)|proj_mlp)$"
+
+
 @dataclass(frozen=True)
-class HunyuanVideoFamily:
+class HunyuanVideoFamily(DiTFamilyMixin):
     """One HunyuanVideo variant: its name, description and default structure."""
+
+    naming_class = HunyuanVideoNaming
 
     name: str
     description: str
@@ -305,6 +328,22 @@ class HunyuanVideoFamily:
         """``(name, layout)`` when a checkpoint key set is this family, else None."""
         got = detect(keys)
         return got if got is not None and got[0] == self.name else None
+
+    def structure_for_shapes(self, seen: Mapping[str, tuple[int, ...]]) -> HunyuanVideoStructure | None:
+        """Hidden size from a block's q/k/v or MLP input width, MLP width from ``proj_mlp`` (or ``linear1``'s rows
+        less 3 hidden); block counts at least the default's."""
+        hidden = hidden_of(seen, _HIDDEN_INPUT)
+        if hidden is None:
+            return None
+        mlp = next((abs(s[0]) - (3 * hidden if s[0] < 0 else 0) for p, s in seen.items()
+                    if p.endswith(".proj_mlp")), 4 * hidden)
+        d = self.default
+        return HunyuanVideoStructure(
+            max(d.num_double, blocks_seen(seen, "transformer_blocks")),
+            max(d.num_single, blocks_seen(seen, "single_transformer_blocks")),
+            max(d.num_refiner, blocks_seen(seen, "refiner_blocks")),
+            hidden, mlp, d.guidance, d.prefix,
+        )
 
 
 HUNYUAN_VIDEO_FAMILIES: dict[str, HunyuanVideoFamily] = {

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .dit import DiTFamilyMixin
 from .dit_keys import (
     COMFY_PREFIX,
     DIFFUSERS_PREFIXES,
@@ -137,7 +138,7 @@ def _prefix(keys: list[str]) -> str | None:
 
 # ------------------------------------------------------------------------------------------ family
 @dataclass(frozen=True)
-class QwenImageFamily:
+class QwenImageFamily(DiTFamilyMixin):
     """One Qwen-Image variant: its name, description and default structure."""
 
     name: str

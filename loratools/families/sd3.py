@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .dit import DiTFamilyMixin, blocks_seen, hidden_of
 from .dit_keys import (
     COMFY_PREFIX,
     DIFFUSERS_PREFIXES,
@@ -186,7 +187,7 @@ def _original_prefix(keys: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ family
 @dataclass(frozen=True)
-class SD3Family:
+class SD3Family(DiTFamilyMixin):
     """One SD3 / SD3.5 variant: its name, description and default structure."""
 
     name: str
@@ -201,6 +202,26 @@ class SD3Family:
         """``(name, layout)`` when a checkpoint key set is this family, else None."""
         got = detect(keys)
         return got if got is not None and got[0] == self.name else None
+
+    def structure_for_shapes(self, seen: Mapping[str, tuple[int, ...]]) -> SD3Structure | None:
+        """Hidden size from a block's attention / modulation input width; the block count from the last block
+        seen when it is "context pre-only" (no ``attn.to_add_out`` where earlier blocks have one), else at least
+        the default's; dual-attention blocks from ``attn2`` modules seen."""
+        hidden = hidden_of(seen, _HIDDEN_INPUT)
+        if hidden is None:
+            return None
+        last = blocks_seen(seen, "transformer_blocks")
+        has_out = any(p.endswith(".attn.to_add_out") for p in seen)
+        pre_only = last > 0 and f"transformer_blocks.{last - 1}.attn.to_add_out" not in seen and has_out
+        layers = last if pre_only else max(last, self.default.num_layers)
+        dual = {i for i in self.default.dual_attention_layers if i < layers}
+        dual |= {int(p.split(".")[1]) for p in seen if p.startswith("transformer_blocks.") and ".attn2." in p}
+        mlp = next((int(s[0]) for p, s in seen.items() if p.endswith(".ff.net.0.proj")), 4 * hidden)
+        return SD3Structure(layers, hidden, mlp, tuple(sorted(dual)), self.default.prefix)
+
+
+#: modules whose input width is the hidden size
+_HIDDEN_INPUT = r"transformer_blocks\.\d+\.(?:attn2?\.(?:to_[qkv]|add_[qkv]_proj)|norm1(?:_context)?\.linear)$"
 
 
 SD3_FAMILIES: dict[str, SD3Family] = {

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .dit import DiTFamilyMixin
 from .dit_keys import (
     COMFY_PREFIX,
     DIFFUSERS_PREFIXES,
@@ -185,7 +186,7 @@ def _diffusers_prefix(keys: list[str]) -> str | None:
 
 # ------------------------------------------------------------------------------------------ family
 @dataclass(frozen=True)
-class WanFamily:
+class WanFamily(DiTFamilyMixin):
     """One Wan version: its name, description and default structure."""
 
     name: str

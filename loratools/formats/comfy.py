@@ -28,7 +28,7 @@ import torch
 
 from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.errors import LoraToolsError
-from loratools.families import FAMILIES, naming_for
+from loratools.families import DIT_FAMILIES, FAMILIES, naming_for
 from loratools.formats.common import (
     atomic_path,
     embed_extra_tensors,
@@ -125,6 +125,8 @@ def _family(adapter: Adapter) -> str | None:
     if not named or (adapter.family is not None and sure):
         return adapter.family
     fits = [f for f in FAMILIES if all(_canonical_in(f, n) for n in named)]
+    if adapter.family in fits and adapter.family in DIT_FAMILIES:  # DiTs sharing diffusers names (a Flux LoRA on
+        return adapter.family  # the blocks is also a HunyuanVideo one): the detected family (Flux's names on a tie)
     if adapter.family in fits:
         fits.remove(adapter.family)
         fits.insert(0, adapter.family)
