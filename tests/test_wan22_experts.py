@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import torch
-from test_dit_wired import model_of
 
 from loratools.errors import LoraToolsError
-from loratools.experts import expert_output, expert_pairs
 from loratools.extract import ExtractOptions, extract
 from loratools.formats import load_adapter
 from loratools.linalg import RankRule
+from loratools.noise_experts import expert_output, expert_pairs
+from tests.test_dit_wired import model_of
 
 INDEX = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
          "transformer_2": ["diffusers", "WanTransformer3DModel"]}

@@ -91,12 +91,12 @@ def extract_command(base, tuned, include, exclude, device, seed, out, rank, ener
     Two-expert pipelines (Wan 2.2 A14B folders with transformer and transformer_2) give two adapters in one run:
     OUT_high_noise… (transformer) and OUT_low_noise… (transformer_2); --json reports them under "experts".
     """
-    from loratools.experts import expert_output, expert_pairs
     from loratools.extract import ExtractOptions, extract, output_size
     from loratools.formats import check_base_for, check_output_name, output_is_folder, save_adapter
     from loratools.formats.common import check_output
     from loratools.formats.resolve import check_family
     from loratools.linalg import RankRule
+    from loratools.noise_experts import expert_output, expert_pairs
 
     experts = expert_pairs(base, tuned)  # Wan 2.2 A14B pipeline folders: one adapter per expert transformer
     out_path = check_output(out, force, [base, tuned], is_dir=output_is_folder(out_format))
