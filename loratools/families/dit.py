@@ -21,6 +21,7 @@ new DiT family is a description module and its tests. Imports nothing from ``lor
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Iterable, Mapping
 from functools import cache
@@ -219,6 +220,15 @@ class DiTFamilyMixin:
     folder's. ``naming_class`` builds it (:class:`DiTNaming` or a subclass with its hooks)."""
 
     naming_class: ClassVar[type[DiTNaming]] = DiTNaming
+
+    def structure(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> Any:
+        """The default structure, or the structure of a checkpoint key set (read by the default's class)."""
+        return self.default if keys is None else type(self.default).from_keys(keys)  # type: ignore[attr-defined]
+
+    def detect(self, keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
+        """``(name, layout)`` when a checkpoint key set is this family (its module's ``detect`` says), else None."""
+        got = importlib.import_module(type(self).__module__).detect(keys)
+        return got if got is not None and got[0] == self.name else None  # type: ignore[attr-defined]
 
     def naming(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> DiTNaming:
         """Name maps for the default structure, or for the structure of a checkpoint key set."""

@@ -320,15 +320,6 @@ class HunyuanVideoFamily(DiTFamilyMixin):
     description: str
     default: HunyuanVideoStructure
 
-    def structure(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> HunyuanVideoStructure:
-        """The default structure, or the structure of a checkpoint key set."""
-        return self.default if keys is None else HunyuanVideoStructure.from_keys(keys)
-
-    def detect(self, keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
-        """``(name, layout)`` when a checkpoint key set is this family, else None."""
-        got = detect(keys)
-        return got if got is not None and got[0] == self.name else None
-
     def structure_for_shapes(self, seen: Mapping[str, tuple[int, ...]]) -> HunyuanVideoStructure | None:
         """Hidden size from a block's q/k/v or MLP input width, MLP width from ``proj_mlp`` (or ``linear1``'s rows
         less 3 hidden); block counts at least the default's."""

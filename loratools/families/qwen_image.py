@@ -145,15 +145,6 @@ class QwenImageFamily(DiTFamilyMixin):
     description: str
     default: QwenImageStructure
 
-    def structure(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> QwenImageStructure:
-        """The default structure, or the structure of a checkpoint key set."""
-        return self.default if keys is None else QwenImageStructure.from_keys(keys)
-
-    def detect(self, keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
-        """``(name, layout)`` when a checkpoint key set is this family, else None."""
-        got = detect(keys)
-        return got if got is not None and got[0] == self.name else None
-
 
 QWEN_IMAGE_FAMILIES: dict[str, QwenImageFamily] = {
     "qwen_image": QwenImageFamily(

@@ -194,15 +194,6 @@ class SD3Family(DiTFamilyMixin):
     description: str
     default: SD3Structure
 
-    def structure(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> SD3Structure:
-        """The default structure, or the structure of a checkpoint key set."""
-        return self.default if keys is None else SD3Structure.from_keys(keys)
-
-    def detect(self, keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
-        """``(name, layout)`` when a checkpoint key set is this family, else None."""
-        got = detect(keys)
-        return got if got is not None and got[0] == self.name else None
-
     def structure_for_shapes(self, seen: Mapping[str, tuple[int, ...]]) -> SD3Structure | None:
         """Hidden size from a block's attention / modulation input width; the block count from the last block
         seen when it is "context pre-only" (no ``attn.to_add_out`` where earlier blocks have one), else at least

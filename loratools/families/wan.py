@@ -193,15 +193,6 @@ class WanFamily(DiTFamilyMixin):
     description: str
     default: WanStructure
 
-    def structure(self, keys: Iterable[str] | Mapping[str, Any] | None = None) -> WanStructure:
-        """The default structure, or the structure of a checkpoint key set."""
-        return self.default if keys is None else WanStructure.from_keys(keys)
-
-    def detect(self, keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
-        """``(name, layout)`` when a checkpoint key set is this family, else None."""
-        got = detect(keys)
-        return got if got is not None and got[0] == self.name else None
-
 
 WAN_FAMILIES: dict[str, WanFamily] = {
     f.name: f
