@@ -27,23 +27,31 @@ from safetensors.torch import save_file
 
 from loratools.families import get_family
 
+#: Flux.1-dev's ``FluxTransformer2DModel`` config (diffusers' defaults plus the guidance embedder)
+FLUX_DEV = {"num_layers": 19, "num_single_layers": 38, "guidance_embeds": True}
+
+
+def flux_shapes(double: int = 19, single: int = 38) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """Every tensor of a full-width Flux.1-dev transformer with ``double`` / ``single`` blocks: diffusers names and
+    shapes, from diffusers' own class built on the meta device; plus its config (for a ``config.json``)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**dict(FLUX_DEV, num_layers=double, num_single_layers=single))
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, config
+
 
 def write_source(path: Path, rank: int) -> int:
     """A diffusers Flux LoRA on every block Linear of the full-size structure; returns the module count."""
     nm = get_family("flux_dev").naming()
-    st = nm.structure
+    shapes, _ = flux_shapes()
     g = torch.Generator().manual_seed(0)
-    sizes = {"norm1.linear": (6 * st.hidden, st.hidden), "norm1_context.linear": (6 * st.hidden, st.hidden),
-             "norm.linear": (3 * st.hidden, st.hidden), "ff.net.0.proj": (st.mlp_hidden, st.hidden),
-             "ff_context.net.0.proj": (st.mlp_hidden, st.hidden), "ff.net.2": (st.hidden, st.mlp_hidden),
-             "ff_context.net.2": (st.hidden, st.mlp_hidden), "proj_mlp": (st.mlp_hidden, st.hidden),
-             "proj_out": (st.hidden, st.hidden + st.mlp_hidden)}
     tensors = {}
     for m in nm.modules:
         if "blocks." not in m.canonical:
             continue
-        child = m.canonical.split(".", 3)[3]
-        out, inp = sizes.get(child, (st.hidden, st.hidden))
+        out, inp = shapes[f"{m.path}.weight"]
         tensors[f"{m.canonical}.lora_A.weight"] = (torch.randn(rank, inp, generator=g) * 0.02).bfloat16()
         tensors[f"{m.canonical}.lora_B.weight"] = (torch.randn(out, rank, generator=g) * 0.02).bfloat16()
     path.mkdir(parents=True, exist_ok=True)
