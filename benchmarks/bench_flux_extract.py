@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # this checkout's loratools, and the shared bench helpers
 from bench_extract import synthetic_delta  # noqa: E402
-from bench_flux_fused import flux_shapes  # noqa: E402
+from bench_flux_fused import flux_shapes, run_cli  # noqa: E402
 
 from loratools.families import flux, get_family  # noqa: E402
 
@@ -170,29 +169,10 @@ def build(root: Path, double: int, single: int, signal: int) -> dict:
     return doc
 
 
-CHILD = (
-    "import os, re, sys\n"
-    "from loratools.cli import main\n"
-    "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-    # VmHWM is this process image's own peak (ru_maxrss would include the parent's, inherited across fork+exec)
-    "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
-    "print('RSS', hwm, file=sys.stderr)\n"
-    "t = os.times()\n"
-    "print('CPU', t.user + t.system, file=sys.stderr)\n"
-)
-
-
 def run_extract(base: Path, tuned: Path, out: Path, rank: int, fmt: str) -> tuple[float, float, float, dict]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, "extract", "--base", str(base), "--tuned", str(tuned),
-                           "-o", str(out), "--to", fmt, "--rank", str(rank), "--json", "--force", "--quiet",
-                           "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    rss = [int(x.split()[1]) / 1024 for x in proc.stderr.splitlines() if x.startswith("RSS")]
-    if proc.returncode or not rss or not proc.stdout.strip():
-        raise SystemExit(f"extract failed ({proc.returncode}): {proc.stderr[-2000:]} {proc.stdout[-2000:]}")
-    cpu = next(float(x.split()[1]) for x in proc.stderr.splitlines() if x.startswith("CPU"))
-    return wall, rss[0], cpu, json.loads(proc.stdout)
+    secs, rss, cpu, stdout = run_cli("extract", "--base", str(base), "--tuned", str(tuned), "-o", str(out), "--to", fmt,
+                                     "--rank", str(rank), "--json", "--force", "--quiet", "--device", "cpu")
+    return secs, rss, cpu, json.loads(stdout)
 
 
 def block_type(name: str) -> str:
