@@ -236,3 +236,24 @@ def test_extraction_across_layouts_equals_diffusers_extraction(label, base_file,
         want = la.delta(torch.float64)
         assert rel(got.adapter.layers[n].delta(torch.float64), want) <= 1e-5, n
         assert rel(back.adapter.layers[n].delta(torch.float64), want) <= 1e-5, n
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd35_large", "flux_dev"])
+def test_partial_diffusers_lora_named_by_its_widths(family):
+    """A diffusers LoRA on a few blocks' attention has names Flux, SD3, Qwen-Image and HunyuanVideo all know: the
+    layers' widths pick SD3 (1536) or SD3.5-large (2432); at Flux's 3072, which several families share, the choice
+    is Flux with a warning saying which families fit and how to choose."""
+    from loratools.adapter import Adapter, LoraLayer
+    from loratools.families import naming_for
+    from loratools.formats.resolve import resolve
+
+    h = naming_for(family).structure.hidden
+    names = [f"transformer.transformer_blocks.{b}.attn.{p}" for b in range(3) for p in ("to_q", "to_k", "to_v")]
+    ad = Adapter(layers={n: LoraLayer(down=torch.randn(4, h), up=torch.randn(h, 4), alpha=4.0) for n in names},
+                 format="diffusers")
+    resolve(ad, None)
+    assert ad.family == family
+    ambiguous = [w for w in ad.warnings if w.startswith("layer names fit")]
+    assert bool(ambiguous) == (family == "flux_dev")
+    if ambiguous:
+        assert "hunyuan_video" in ambiguous[0] and "--family" in ambiguous[0]

@@ -22,7 +22,7 @@ from loratools.adapter import Adapter
 from loratools.checkpoint import Checkpoint
 from loratools.errors import LoraToolsError
 from loratools.families import FAMILIES, detect_adapter, family_name, naming_for, naming_for_layers
-from loratools.families.dit import original_conventions
+from loratools.families.dit import DiTFamilyMixin, original_conventions
 from loratools.formats.experts import expert_matcher
 from loratools.formats.fused import is_grouped, row_blocks, split_layer
 from loratools.formats.naming import KOHYA_PREFIXES, mangle, split_component, split_prefix
@@ -74,9 +74,26 @@ def family_naming(adapter: Adapter, base: Checkpoint | None, family: str | None)
     if hint in fits:  # the adapter's own metadata says which (kohya ss_base_model_version)
         return layer_naming(hint, adapter), hint, "metadata"
     by_width = family_by_width(adapter) if len(fits) > 1 else None
+    if by_width not in fits:
+        by_width = _dit_by_width(fits, adapter)
     chosen = by_width if by_width in fits else fits[0]
+    if by_width not in fits and len({type(FAMILIES[f]) for f in fits}) > 1:  # the families name modules differently
+        adapter.warnings.append(f"layer names fit {', '.join(fits)}; read as {chosen} (pass --family or --base to "
+                                "choose: conversions write each family's own names)")
     return (layer_naming(chosen, adapter), chosen,
             "names" if len(fits) == 1 or by_width in fits else "names-ambiguous")
+
+
+def _dit_by_width(fits: list[str], adapter: Adapter) -> str | None:
+    """Among DiT families whose names all fit (Flux, SD3, Qwen-Image share ``transformer_blocks.N.attn.to_q``), the
+    one family whose own widths the layers have (SD3 1536 / 2432 against Flux's 3072), else None. Only families
+    whose structure is read from widths take part (Wan and Qwen-Image fuse nothing: they read none)."""
+    sized = [f for f in fits if hasattr(FAMILIES[f], "naming_for_shapes")
+             and getattr(type(FAMILIES[f]), "structure_for_shapes", None) is not DiTFamilyMixin.structure_for_shapes]
+    if len({type(FAMILIES[f]) for f in sized}) < 2:  # nothing to tell apart by widths
+        return None
+    own = [f for f in sized if layer_naming(f, adapter).structure == naming_for(f).structure]
+    return own[0] if own and len({type(FAMILIES[f]) for f in own}) == 1 else None  # variants of one family: the first
 
 
 def layer_naming(family: str, adapter: Adapter):
