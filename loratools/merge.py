@@ -44,6 +44,7 @@ from loratools.adapter import Adapter, Layer, LoraLayer
 from loratools.distributed import parallel_map
 from loratools.errors import LoraToolsError
 from loratools.formats.experts import merged_provenance
+from loratools.formats.fused import FUSED
 from loratools.formats.naming import mangle, split_component, split_prefix
 from loratools.linalg import RankRule, factored_norm2, factored_svd, lora_from_svd, truncated_svd
 
@@ -250,7 +251,7 @@ def _layer_from_factors(left: torch.Tensor, right: torch.Tensor, like: Layer, dt
 
 def _finish(new: LoraLayer, like: Layer) -> LoraLayer:
     new.embedding = bool(getattr(like, "embedding", False))
-    new.meta = {k: v for k, v in like.meta.items() if k in ("kohya_stem", "component", "alpha_dtype")}
+    new.meta = {k: v for k, v in like.meta.items() if k in ("kohya_stem", "component", "alpha_dtype", FUSED)}
     return new
 
 

@@ -488,3 +488,9 @@ def test_merge_of_sd_scripts_files_keeps_their_convention(tmp_path, cli):
     want = _fused_deltas(f)
     for stem, d in _fused_deltas(tmp_path / "m.safetensors").items():
         assert float((d - 0.75 * want[stem]).norm()) <= 1e-5 * float(want[stem].norm()), stem
+    # --rank truncates each fused ΔW (rank 4 here: exact), not a block-diagonal stack of per-module merges
+    cli.ok("merge", f"{f}:0.5", f"{f}:0.25", "--rank", "4", "-o", tmp_path / "r.safetensors", "-q")
+    got = load_file(str(tmp_path / "r.safetensors"))
+    assert all(v.shape[0] == 4 for k, v in got.items() if k.endswith("lora_down.weight"))
+    for stem, d in _fused_deltas(tmp_path / "r.safetensors").items():
+        assert float((d - 0.75 * want[stem]).norm()) <= 1e-5 * float(want[stem].norm()), stem

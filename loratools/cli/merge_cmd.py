@@ -83,6 +83,7 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
     from loratools.formats import (
         check_base_for,
         check_output_name,
+        fuse_for,
         load_adapter,
         output_is_folder,
         save_adapter,
@@ -101,6 +102,8 @@ def merge_command(specs, out, method, rank, density, majority_sign, seed, device
         check_base_for(out_format, base)
     inputs = [(load_adapter(p, format=in_format, base=ckpt, allow_nonfinite=allow_nonfinite, family=family), w) for p, w in parsed]
     check_output_name(out_format or inputs[0][0].format, out_path)
+    for ad, _ in inputs:  # the output stores a DiT family's fused tensors: merge (and truncate) their fused ΔW
+        fuse_for(ad, out_format or inputs[0][0].format, kohya_style)
     merged, report = merge_adapters(
         inputs, method=method, rank=rank, density=density, majority_sign=majority_sign, seed=seed, device=dev,
         exact_svd=exact_svd, labels=[p for p, _ in parsed],
