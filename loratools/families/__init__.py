@@ -10,12 +10,12 @@ Registry: ``FAMILIES`` (name → family object with ``naming(keys=None)`` and ``
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import dit_registry, flux, sd
 from .base import LAYOUTS, ModuleMap
+from .dit import adapter_hits
 
 #: the families loratools resolves adapters and checkpoints with (every format knows their conventions): the Stable
 #: Diffusion UNets and the DiT transformers — Flux.1, SD3/3.5, Wan 2.1/2.2, Qwen-Image, HunyuanVideo (fused
@@ -109,22 +109,7 @@ def detect_described_adapter(names: Iterable[str]) -> tuple[str, str] | None:
 def dit_adapter_hits(names: Iterable[str]) -> tuple[str, str, int] | None:
     """``(family, convention, modules)``: the DiT family naming the most transformer modules of an adapter (first in
     ``DIT_FAMILIES`` on a tie), its most common convention among them, how many modules; None if none."""
-    mods = {sd.adapter_module(k) for k in names}
-    best: tuple[int, str, Counter[str]] | None = None
-    for name, fam in DIT_FAMILIES.items():
-        nm = fam.naming()
-        covered: set[str] = set()
-        convs: Counter[str] = Counter()
-        for mod in mods:
-            found = nm.lookup_group(mod)
-            if found is not None:
-                covered.update(m.canonical for m in found[0])
-                convs[found[1]] += 1
-        if covered and (best is None or len(covered) > best[0]):
-            best = (len(covered), name, convs)
-    if best is None:
-        return None
-    return best[1], best[2].most_common(1)[0][0], best[0]
+    return adapter_hits(names, DIT_FAMILIES)
 
 
 __all__ = ["ALIASES", "DESCRIBED", "DIT_FAMILIES", "dit_adapter_hits", "FAMILIES", "family_name", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "naming_for_layers", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]

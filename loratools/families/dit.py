@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any, ClassVar
@@ -212,6 +213,30 @@ def is_canonical(naming: Any, name: str) -> bool:
         return bool(check(name))
     found = naming.lookup(name)
     return found is not None and found[0] == name
+
+
+def adapter_hits(names: Iterable[str], families: Mapping[str, Any]) -> tuple[str, str, int] | None:
+    """``(family, convention, modules)``: of ``families`` (name → family), the one whose default naming covers the
+    most transformer modules of an adapter's keys or module names (the first on a tie), its most common convention
+    among them, and how many modules; None if none names any."""
+    from .sd import adapter_module
+
+    mods = {adapter_module(k) for k in names}
+    best: tuple[int, str, Counter[str]] | None = None
+    for name, fam in families.items():
+        nm = fam.naming()
+        covered: set[str] = set()
+        convs: Counter[str] = Counter()
+        for mod in mods:
+            found = nm.lookup_group(mod)
+            if found is not None:
+                covered.update(m.canonical for m in found[0])
+                convs[found[1]] += 1
+        if covered and (best is None or len(covered) > best[0]):
+            best = (len(covered), name, convs)
+    if best is None:
+        return None
+    return best[1], best[2].most_common(1)[0][0], best[0]
 
 
 class DiTFamilyMixin:

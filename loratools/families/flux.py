@@ -41,15 +41,13 @@ Only the transformer is described; Flux's text encoders (CLIP-L, T5-XXL) are not
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from .base import ModuleMap
-from .dit import ORIGINAL_PREFIXES, DiTNaming, component_keys, strip_prefix  # noqa: F401  (re-exported)
-from .sd import adapter_module
+from .dit import ORIGINAL_PREFIXES, DiTNaming, adapter_hits, component_keys, strip_prefix  # noqa: F401  (re-exported)
 
 #: prefixes a BFL transformer key may carry in a checkpoint (longest first)
 COMFY_PREFIX = "diffusion_model."
@@ -436,22 +434,7 @@ def detect_adapter_hits(keys: Iterable[str]) -> tuple[str, str, int] | None:
     Scored over both families; a tie (no ``guidance_in`` names, the usual case) goes to flux_dev, since
     dev and schnell share every other name. Convention: the most common among the resolved names.
     """
-    mods = {adapter_module(k) for k in keys}
-    best: tuple[int, str, Counter[str]] | None = None
-    for name in FLUX_FAMILIES:
-        nm = _default_naming(name)
-        covered: set[str] = set()
-        convs: Counter[str] = Counter()
-        for mod in mods:
-            got = nm.lookup_group(mod)
-            if got is not None:
-                covered.update(m.canonical for m in got[0])
-                convs[got[1]] += 1
-        if covered and (best is None or len(covered) > best[0]):
-            best = (len(covered), name, convs)
-    if best is None:
-        return None
-    return best[1], best[2].most_common(1)[0][0], best[0]
+    return adapter_hits(keys, FLUX_FAMILIES)
 
 
 def detect_adapter(keys: Iterable[str]) -> tuple[str, str] | None:
