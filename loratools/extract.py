@@ -596,6 +596,17 @@ def pair_cost(pair: TensorPair, rule: RankRule) -> float:
     return float(math.prod(pair.shape)) * (k if len(pair.shape) > 1 else 1)
 
 
+def _screen(key: str, w_base: torch.Tensor, w_tuned: torch.Tensor, bstream: TensorStream, tstream: TensorStream
+            ) -> tuple[str | None, torch.Tensor | None]:
+    """``(why the pair is unchanged, None)`` when ΔW is only rounding (bf16/fp16 of the base, or fp8 requantization),
+    else ``(None, the per-row fp8 noise floor or None)``."""
+    bck, tck = bstream.ckpt, tstream.ckpt
+    reason = rounding_only(w_base, w_tuned) or noise_only(bck, tck, key, w_base, w_tuned, bstream.read, tstream.read)
+    if reason:
+        return reason, None
+    return None, noise_floor_sq(bck, tck, key, w_base, w_tuned, bstream.read, tstream.read)
+
+
 def _extract_pair(
     pair: TensorPair, w_base: torch.Tensor, w_tuned: torch.Tensor, bstream: TensorStream, tstream: TensorStream,
     device: torch.device, opt: ExtractOptions,
@@ -607,10 +618,9 @@ def _extract_pair(
     key = pair.key
     t_layer = time.perf_counter()
     bck, tck = bstream.ckpt, tstream.ckpt
-    reason = rounding_only(w_base, w_tuned) or noise_only(bck, tck, key, w_base, w_tuned, bstream.read, tstream.read)
+    reason, floor = _screen(key, w_base, w_tuned, bstream, tstream)
     if reason:
         return [("skipped", u, u.describe(reason=reason), None) for u in pair.units()]
-    floor = noise_floor_sq(bck, tck, key, w_base, w_tuned, bstream.read, tstream.read)
     whole_diff, whole_norm, whole_total = _pair_diff(pair, w_base, w_tuned, bstream, tstream, device)
     out_dtype = opt.dtype or lora_dtype(bck, tck, key)
     outs: list[tuple[str, TensorPair, dict | None, object]] = []
@@ -856,11 +866,9 @@ def spectrum(
 
     def work(item: tuple[TensorPair, torch.Tensor, torch.Tensor]) -> list[tuple[str, dict]]:
         pair, w_base, w_tuned = item
-        reason = rounding_only(w_base, w_tuned) or noise_only(bck, tck, pair.key, w_base, w_tuned, bstream.read,
-                                                              tstream.read)
+        reason, floor = _screen(pair.key, w_base, w_tuned, bstream, tstream)
         if reason:
             return [("skipped", u.describe(reason=reason)) for u in pair.units()]
-        floor = noise_floor_sq(bck, tck, pair.key, w_base, w_tuned, bstream.read, tstream.read)
         whole_diff, whole_norm, whole_total = _pair_diff(pair, w_base, w_tuned, bstream, tstream, dev)
         outs = []
         for unit in pair.units():
