@@ -17,10 +17,7 @@ from diffusers.loaders import single_file_utils
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 from sd_models import CHECKPOINTS
 
-from loratools.families import DESCRIBED as FAMILIES
-from loratools.families import detect_described_adapter as detect_adapter
-from loratools.families import detect_described_family as detect_family
-from loratools.families import flux, sd
+from loratools.families import FAMILIES, detect_adapter, detect_family, flux, sd
 
 
 def get_family(name: str):

@@ -23,8 +23,6 @@ from .dit import adapter_hits
 FAMILIES: dict[str, Any] = {**sd.SD_FAMILIES, **flux.FLUX_FAMILIES, **dit_registry.DIT_DESCRIBED}
 #: the DiT families, in the order adapter detection prefers them on a tie (Flux first: its names are the most used)
 DIT_FAMILIES: dict[str, Any] = {**flux.FLUX_FAMILIES, **dit_registry.DIT_DESCRIBED}
-#: every described family (all of them are registered now; kept for callers of the old name)
-DESCRIBED: dict[str, Any] = FAMILIES
 #: other names users give a family (``--family flux``)
 ALIASES: dict[str, str] = {"flux": "flux_dev", "sd3.5": "sd35_large", "sd35": "sd35_large", "wan": "wan21",
                            "qwen": "qwen_image", "qwen-image": "qwen_image", "hunyuan": "hunyuan_video",
@@ -42,11 +40,6 @@ def get_family(name: str) -> Any:
         return FAMILIES[family_name(name)]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
-
-
-def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(family, layout)`` of a checkpoint key set, layout one of ``LAYOUTS``; None if no family fits."""
-    return detect_described_family(keys)
 
 
 def naming_for(family: str, keys: Iterable[str] | Mapping[str, Any] | None = None):
@@ -72,24 +65,21 @@ def pipeline_naming(family: str, configs: Mapping[str, Mapping[str, Any]], keys:
     return sd.SDNaming(fam, sd.structure_from_pipeline(family, configs, keys))
 
 
-def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
-    """``(family, convention)`` of an adapter's module names or keys, or None if no family knows them."""
-    return detect_described_adapter(names)
-
-
-def detect_described_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
-    """:func:`detect_family` over every described family: SD first, then the DiT families (HunyuanVideo, Qwen-Image,
-    SD3, Wan, then Flux: ``dit_registry.DETECT_ORDER``); SD's answer stands only where no DiT family claims the keys."""
+def detect_family(keys: Iterable[str] | Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(family, layout)`` of a checkpoint key set, layout one of ``LAYOUTS``; None if no family fits. SD first,
+    then the DiT families (HunyuanVideo, Qwen-Image, SD3, Wan, then Flux: ``dit_registry.DETECT_ORDER``); SD's
+    answer stands only where no DiT family claims the keys."""
     ks = keys if isinstance(keys, Mapping) else list(keys)
     dit = dit_registry.detect(ks) or flux.detect(ks)
     got = sd.detect(ks)
     return got if got is not None and dit is None else dit
 
 
-def detect_described_adapter(names: Iterable[str]) -> tuple[str, str] | None:
-    """:func:`detect_adapter` over every described family: SD's answer stands unless a DiT family names more
-    transformer modules than the best SD family names UNet modules (a Flux LoRA's CLIP-L ``lora_te1_`` names resolve
-    in SD too; its transformer names never do, nor do SD UNet names in a DiT)."""
+def detect_adapter(names: Iterable[str]) -> tuple[str, str] | None:
+    """``(family, convention)`` of an adapter's module names or keys, or None if no family knows them. SD's answer
+    stands unless a DiT family names more transformer modules than the best SD family names UNet modules (a Flux
+    LoRA's CLIP-L ``lora_te1_`` names resolve in SD too; its transformer names never do, nor do SD UNet names in a
+    DiT)."""
     names = list(names)
     got = sd.detect_adapter(names)
     fl = dit_adapter_hits(names)
@@ -112,4 +102,4 @@ def dit_adapter_hits(names: Iterable[str]) -> tuple[str, str, int] | None:
     return adapter_hits(names, DIT_FAMILIES)
 
 
-__all__ = ["ALIASES", "DESCRIBED", "DIT_FAMILIES", "dit_adapter_hits", "FAMILIES", "family_name", "LAYOUTS", "detect_described_adapter", "detect_described_family", "flux", "detect_adapter", "naming_for", "naming_for_layers", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]
+__all__ = ["ALIASES", "DIT_FAMILIES", "dit_adapter_hits", "FAMILIES", "family_name", "LAYOUTS", "flux", "detect_adapter", "naming_for", "naming_for_layers", "pipeline_naming", "ModuleMap", "detect_family", "get_family", "sd"]
